@@ -1,0 +1,1042 @@
+"""
+mlora: MatryoshkaLoRA in one file of plain PyTorch.
+
+MatryoshkaLoRA (Modoranu, Safaryan, Alistarh, arXiv 2605.07850) trains a LoRA
+adapter whose every prefix A[:k], B[:, :k] is itself a good rank-k adapter, so
+the rank is chosen after training. During training the adapter computes
+
+    y = W0 x + B diag(p) A x
+
+with a fixed vector p. The choice of p is the whole method:
+
+    lora        p_i = s(r)                         plain LoRA at rank r
+    dylora      p_i = s(b) for i <= b, else 0      b drawn from the train ranks
+    matryoshka  p_i = sum_{k in S, k >= i} w_k s(k)  every nested rank, one forward
+    stratified  row n of the batch uses p_i = s(k_n) for i <= k_n (k_n from S)
+
+and at inference, for any rank k, y = W0 x + s(k) B[:, :k] A[:k] x.
+
+Contents, top to bottom:
+    1. scaling and argument checks
+    2. P schedules (lora, dylora, matryoshka, stratified)
+    3. MatryoshkaLinear, the adapter layer
+    4. model surgery: inject, set_rank, merge, adapter state, nested_loss
+    5. AURAC and rank curves
+    6. a minimal GPT-2 (loads local Hugging Face checkpoints) and tokenizers
+
+Only torch is imported at module level; copy this file into a project and use
+it. See ../shared/METHOD.md of the repository for the method in full.
+"""
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, asdict
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "rank_scale", "default_train_ranks",
+    "Schedule", "LoRASchedule", "DyLoRASchedule", "MatryoshkaSchedule", "StratifiedSchedule",
+    "make_schedule", "MatryoshkaLinear",
+    "inject", "remove", "adapter_layers", "get_schedule", "set_rank", "nested_loss",
+    "merge", "unmerge", "adapter_state_dict", "load_adapter_state_dict",
+    "save_adapter", "load_adapter", "aurac", "evaluate_ranks",
+    "GPTConfig", "GPT", "CharTokenizer", "load_tokenizer",
+]
+
+METHODS = ("lora", "dylora", "matryoshka", "stratified")
+SCALINGS = ("none", "rank", "sqrt")
+
+# -----------------------------------------------------------------------------
+# 1. scaling and argument checks
+
+
+def rank_scale(k, scaling: str = "sqrt", alpha: float = 1.0):
+    """s(k): the factor a rank-k adapter's output is multiplied by.
+
+    'none' -> 1, 'rank' -> alpha / k (LoRA), 'sqrt' -> alpha / sqrt(k) (rsLoRA,
+    the paper's choice). k may be an int or a tensor of ranks.
+    """
+    if scaling == "none":
+        return k * 0 + 1.0 if torch.is_tensor(k) else 1.0
+    if scaling == "rank":
+        return alpha / k
+    if scaling == "sqrt":
+        return alpha / (k.sqrt() if torch.is_tensor(k) else math.sqrt(k))
+    raise ValueError(f"unknown scaling {scaling!r}; expected one of {SCALINGS}")
+
+
+def default_train_ranks(rank: int) -> List[int]:
+    """Powers of two up to rank: 32 -> [1, 2, 4, 8, 16, 32]."""
+    return [2 ** i for i in range(int(math.log2(rank)) + 1)]
+
+
+def _check_rank(rank, name="rank") -> int:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"{name} must be a positive int, got {rank!r}")
+    return rank
+
+
+def _check_train_ranks(train_ranks, rank: int) -> List[int]:
+    if train_ranks is None:
+        return default_train_ranks(rank)
+    ranks = list(train_ranks)
+    if not ranks:
+        raise ValueError("train_ranks is empty; give at least one rank")
+    for k in ranks:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"train rank {k!r} is not a positive int (train_ranks={ranks})")
+        if k > rank:
+            raise ValueError(f"train rank {k} is above the adapter rank {rank} (train_ranks={ranks})")
+    if len(set(ranks)) != len(ranks):
+        raise ValueError(f"train_ranks has duplicates: {ranks}")
+    return sorted(ranks)
+
+
+def _check_scaling(scaling: str, alpha: float):
+    if scaling not in SCALINGS:
+        raise ValueError(f"unknown scaling {scaling!r}; expected one of {SCALINGS}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"alpha must be a finite positive number, got {alpha!r}")
+
+
+# -----------------------------------------------------------------------------
+# 2. P schedules
+#
+# A schedule yields the vector p used by training forwards. One schedule object
+# is shared by every adapter of a model, so a random draw (DyLoRA's rank, the
+# stratified row ranks) is the same in every layer of one forward. Draws come
+# from a generator seeded by (seed, step): a run is reproducible, resumes from
+# its step counter alone, and every DDP process draws the same ranks.
+
+
+class Schedule:
+    """Base class. Subclasses implement `p(batch_size)`.
+
+    `p` returns a float64 CPU tensor: shape (r,) when the whole batch shares p,
+    or (batch_size, r) when each row has its own. `step` counts training
+    forwards; `inject` advances it before each one (see `advance`).
+    """
+
+    name = "base"
+    per_row = False   # does p depend on the batch row?
+    dynamic = False   # does p change from step to step?
+
+    def __init__(self, rank: int, train_ranks=None, scaling: str = "sqrt",
+                 alpha: float = 1.0, seed: int = 0):
+        self.rank = _check_rank(rank)
+        self.train_ranks = _check_train_ranks(train_ranks, self.rank)
+        _check_scaling(scaling, alpha)
+        self.scaling, self.alpha, self.seed = scaling, float(alpha), int(seed)
+        self.step = 0
+        self.auto_advance = True  # False: call advance() yourself, e.g. once per optimizer step
+        self._cache = {}
+
+    def scale(self, k):
+        return rank_scale(k, self.scaling, self.alpha)
+
+    def advance(self):
+        """Move to the next step (a new DyLoRA / stratified draw)."""
+        self.step += 1
+        if self.dynamic:
+            self._cache.clear()
+
+    def generator(self) -> torch.Generator:
+        # seed and step mixed by a large odd multiplier, so nearby seeds give unrelated streams
+        return torch.Generator().manual_seed((self.seed * 0x9E3779B97F4A7C15 + self.step) % (2 ** 63))
+
+    def p(self, batch_size: Optional[int] = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def frozen_below(self) -> int:
+        """Components with index < this get no gradient (frozen DyLoRA); 0 for none."""
+        return 0
+
+    def device_p(self, batch_size: int, device, dtype) -> torch.Tensor:
+        """p trimmed to its last non-zero column, on device; cached for the step."""
+        key = (batch_size if self.per_row else None, device, dtype)
+        if key not in self._cache:
+            p = self.p(batch_size)
+            nonzero = (p != 0).reshape(-1, p.shape[-1]).any(0).nonzero()
+            k = int(nonzero.max()) + 1 if len(nonzero) else 1
+            self._cache[key] = p[..., :k].to(device=device, dtype=dtype)
+        return self._cache[key]
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "seed": self.seed}
+
+    def load_state_dict(self, state: dict):
+        self.step, self.seed = int(state["step"]), int(state["seed"])
+        self._cache.clear()
+
+    def config(self) -> dict:
+        return dict(method=self.name, rank=self.rank, train_ranks=self.train_ranks,
+                    scaling=self.scaling, alpha=self.alpha)
+
+    def __repr__(self):
+        return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in self.config().items())})"
+
+
+class LoRASchedule(Schedule):
+    """Plain LoRA at rank r: p_i = s(r) everywhere."""
+    name = "lora"
+
+    def p(self, batch_size=None):
+        return torch.full((self.rank,), float(self.scale(self.rank)), dtype=torch.float64)
+
+
+class MatryoshkaSchedule(Schedule):
+    """The paper's P: p_i = sum over k in S with k >= i of w_k s(k).
+
+    Then B diag(p) A x equals sum_k w_k s(k) B[:, :k] A[:k] x, the summed output of
+    every nested sub-adapter, for the price of one LoRA forward. `normalize`
+    divides p by the sum of the weights (by |S| when w = 1), which makes p the
+    expectation of the DyLoRA p.
+    """
+    name = "matryoshka"
+
+    def __init__(self, rank, train_ranks=None, scaling="sqrt", alpha=1.0, seed=0,
+                 weights=None, normalize=False):
+        super().__init__(rank, train_ranks, scaling, alpha, seed)
+        if weights is None:
+            weights = [1.0] * len(self.train_ranks)
+        weights = [float(w) for w in weights]
+        if len(weights) != len(self.train_ranks):
+            raise ValueError(f"weights has {len(weights)} entries but train_ranks has "
+                             f"{len(self.train_ranks)}: {self.train_ranks}")
+        if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) == 0:
+            raise ValueError(f"weights must be finite, non-negative and not all zero, got {weights}")
+        self.weights, self.normalize = weights, bool(normalize)
+
+    def p(self, batch_size=None):
+        p = torch.zeros(self.rank, dtype=torch.float64)
+        for k, w in zip(self.train_ranks, self.weights):
+            p[:k] += w * self.scale(k)
+        return p / sum(self.weights) if self.normalize else p
+
+    def config(self):
+        return dict(super().config(), weights=self.weights, normalize=self.normalize)
+
+
+class DyLoRASchedule(Schedule):
+    """DyLoRA: each step draws a rank b; p_i = s(b) for i <= b, 0 beyond.
+
+    sample='train_ranks' draws b uniformly from S (the MatryoshkaLoRA authors'
+    baseline); sample='all' draws from 1..r (original DyLoRA). frozen=True is
+    original DyLoRA's frozen mode: components below b take part in the forward
+    but only component b gets a gradient.
+
+    The draw advances once per training forward of the model (the authors'
+    code, so each micro-batch gets its own b). To draw once per optimizer step
+    instead, set `schedule.auto_advance = False` and call `schedule.advance()`
+    after each `optimizer.step()`.
+    """
+    name = "dylora"
+    dynamic = True
+
+    def __init__(self, rank, train_ranks=None, scaling="sqrt", alpha=1.0, seed=0,
+                 sample="train_ranks", frozen=False):
+        super().__init__(rank, train_ranks, scaling, alpha, seed)
+        if sample not in ("train_ranks", "all"):
+            raise ValueError(f"unknown DyLoRA sample {sample!r}; expected 'train_ranks' or 'all'")
+        self.sample, self.frozen = sample, bool(frozen)
+
+    @property
+    def choices(self) -> List[int]:
+        return self.train_ranks if self.sample == "train_ranks" else list(range(1, self.rank + 1))
+
+    @property
+    def b(self) -> int:
+        """The rank drawn for the current step."""
+        choices = self.choices
+        return choices[int(torch.randint(len(choices), (1,), generator=self.generator()))]
+
+    def p(self, batch_size=None):
+        b = self.b
+        p = torch.zeros(self.rank, dtype=torch.float64)
+        p[:b] = self.scale(b)
+        return p
+
+    @property
+    def frozen_below(self):
+        return self.b - 1 if self.frozen else 0
+
+    def config(self):
+        return dict(super().config(), sample=self.sample, frozen=self.frozen)
+
+
+class StratifiedSchedule(Schedule):
+    """Per-example ranks: a one-forward, unbiased estimate of the nested objective.
+
+    Each step, every batch row n gets a rank k_n from S and uses p_i = s(k_n) for
+    i <= k_n: row n is trained exactly as the rank-k_n adapter it will be at
+    inference. Ranks are dealt like cards (each rank appears floor or ceil of
+    batch/|S| times), then shuffled, so every rank is trained on every step
+    once the batch holds at least |S| rows.
+    """
+    name = "stratified"
+    per_row = True
+    dynamic = True
+
+    def row_ranks(self, batch_size: int) -> torch.Tensor:
+        g = self.generator()
+        S = torch.tensor(self.train_ranks)
+        decks = [S[torch.randperm(len(S), generator=g)] for _ in range(-(-batch_size // len(S)))]
+        dealt = torch.cat(decks)[:batch_size]                      # (batch,)
+        return dealt[torch.randperm(batch_size, generator=g)]
+
+    def p(self, batch_size=None):
+        if batch_size is None:
+            raise ValueError("the stratified schedule needs the batch size")
+        k = self.row_ranks(batch_size).to(torch.float64)[:, None]  # (batch, 1)
+        mask = torch.arange(1, self.rank + 1, dtype=torch.float64) <= k   # (batch, r)
+        return mask * self.scale(k)
+
+
+SCHEDULES = {"lora": LoRASchedule, "dylora": DyLoRASchedule,
+             "matryoshka": MatryoshkaSchedule, "stratified": StratifiedSchedule}
+
+
+def make_schedule(method: str, rank: int, train_ranks=None, scaling="sqrt", alpha=1.0,
+                  seed=0, **options) -> Schedule:
+    """Build a schedule by name; options go to its class (weights, normalize, sample, frozen)."""
+    if method not in SCHEDULES:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    return SCHEDULES[method](rank, train_ranks, scaling, alpha, seed, **options)
+
+
+# -----------------------------------------------------------------------------
+# 3. the adapter layer
+
+
+def _linear_shape(module: nn.Module):
+    """(in_features, out_features, fan_in_fan_out) of a linear-like layer, or None.
+
+    nn.Linear stores its weight (out, in). Hugging Face's Conv1D (GPT-2) stores
+    it (in, out) and records out as `nf`; its output is x @ W + b.
+    """
+    w = getattr(module, "weight", None)
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, False
+    if torch.is_tensor(w) and w.dim() == 2 and getattr(module, "nf", None) == w.shape[1]:
+        return w.shape[0], w.shape[1], True
+    return None
+
+
+class MatryoshkaLinear(nn.Module):
+    """A frozen linear layer plus a nested low-rank adapter.
+
+    lora_A: (r, in), lora_B: (out, r), initialised as LoRA (A kaiming-uniform,
+    B zero) so a fresh adapter changes nothing. The layer runs in one of three
+    modes, chosen by `set_rank`:
+      rank None: training, y = base(x) + B diag(p) A x with p from the schedule;
+      rank k:    y = base(x) + s(k) B[:, :k] A[:k] x, from slices (no copies);
+      a (batch,) tensor of ranks: row n at its own rank k_n.
+    After `merge` the adapter lives in the base weight and forward is base(x).
+    """
+
+    def __init__(self, base: nn.Module, rank: int, schedule: Optional[Schedule] = None,
+                 dropout: float = 0.0, device=None, dtype=None):
+        super().__init__()
+        shape = _linear_shape(base)
+        if shape is None:
+            raise ValueError(f"{type(base).__name__} is not a linear layer (nn.Linear or a Conv1D with (in, out) weight)")
+        self.in_features, self.out_features, self.fan_in_fan_out = shape
+        self.rank = _check_rank(rank)
+        if schedule is None:
+            schedule = MatryoshkaSchedule(rank)
+        if schedule.rank != self.rank:
+            raise ValueError(f"schedule rank {schedule.rank} differs from layer rank {self.rank}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.base_layer = base
+        self.base_layer.requires_grad_(False)
+        self.schedule = schedule
+        w = base.weight
+        factory = dict(device=device or w.device, dtype=dtype or w.dtype)
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))   # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **factory))  # (out, r)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.active_rank = None   # None, an int, or a (batch,) tensor of ranks
+        self._row_p = None        # (batch, kmax) scales for per-row ranks
+        self.merged_rank = None   # the rank folded into base weight, or None
+        self._unmerged_weight = None
+
+    # --- rank selection -----------------------------------------------------
+
+    def set_rank(self, rank):
+        """None (training schedule), an int in 1..r, or a (batch,) tensor of ranks."""
+        if self.merged_rank is not None:
+            raise ValueError(f"layer is merged at rank {self.merged_rank}; unmerge before set_rank")
+        if rank is None:
+            self.active_rank, self._row_p = None, None
+        elif torch.is_tensor(rank):
+            if rank.dim() != 1 or rank.numel() == 0 or rank.is_floating_point() or rank.is_complex():
+                raise ValueError(f"per-row ranks must be a non-empty 1-D integer tensor, got "
+                                 f"shape {tuple(rank.shape)} dtype {rank.dtype}")
+            lo, hi = int(rank.min()), int(rank.max())
+            if lo < 1 or hi > self.rank:
+                raise ValueError(f"per-row rank {lo if lo < 1 else hi} outside 1..{self.rank}")
+            k = rank.to(self.lora_A.device, torch.float32)[:, None]   # (batch, 1)
+            cols = torch.arange(1, hi + 1, device=k.device)            # (kmax,)
+            self.active_rank = rank.clone()
+            self._row_p = (cols <= k) * self.schedule.scale(k)        # (batch, kmax)
+        else:
+            _check_rank(rank)
+            if rank > self.rank:
+                raise ValueError(f"rank {rank} is above the adapter rank {self.rank}")
+            self.active_rank, self._row_p = rank, None
+
+    # --- forward ------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)                                   # (..., out)
+        if self.merged_rank is not None:
+            return y
+        A, B = self.lora_A, self.lora_B
+        rank = self.active_rank
+        if rank is None:                                         # training: diag(p) from the schedule
+            p = self.schedule.device_p(x.shape[0], A.device, A.dtype)   # (k,) or (batch, k)
+            k, frozen = p.shape[-1], self.schedule.frozen_below
+            A, B = A[:k], B[:, :k]
+            if frozen > 0:   # frozen DyLoRA: the lower components take part but learn nothing
+                A = torch.cat([A[:frozen].detach(), A[frozen:]])
+                B = torch.cat([B[:, :frozen].detach(), B[:, frozen:]], dim=1)
+        elif isinstance(rank, int):                              # one inference rank
+            p = self.schedule.scale(rank)
+            A, B = A[:rank], B[:, :rank]
+        else:                                                    # a rank per batch row
+            if x.dim() < 2 or x.shape[0] != len(rank):
+                raise ValueError(f"per-row ranks were set for a batch of {len(rank)}, "
+                                 f"got input of shape {tuple(x.shape)}")
+            p = self._row_p.to(A.dtype)
+            A, B = A[:p.shape[-1]], B[:, :p.shape[-1]]
+        if torch.is_tensor(p) and p.dim() == 2:                  # one row of p per batch row
+            p = p.view(p.shape[0], *([1] * (x.dim() - 2)), p.shape[1])   # (batch, 1.., k)
+        h = F.linear(self.lora_dropout(x).to(A.dtype), A)        # (..., k)
+        return y + F.linear(h * p, B).to(y.dtype)                # (..., out)
+
+    # --- merging --------------------------------------------------------------
+
+    def delta_weight(self, k: int) -> torch.Tensor:
+        """s(k) B[:, :k] A[:k] in float32, laid out like the base weight."""
+        delta = (self.lora_B[:, :k].float() @ self.lora_A[:k].float()) * self.schedule.scale(k)  # (out, in)
+        return delta.T if self.fan_in_fan_out else delta
+
+    @torch.no_grad()
+    def merge(self, k: int):
+        """Fold the rank-k adapter into the base weight (idempotent)."""
+        _check_rank(k)
+        if k > self.rank:
+            raise ValueError(f"merge rank {k} is above the adapter rank {self.rank}")
+        if self.merged_rank == k:
+            return
+        self.unmerge()
+        w = self.base_layer.weight
+        # keep the original so unmerge is exact: subtracting in low precision would not be
+        self._unmerged_weight = w.detach().clone()
+        w.copy_((w.float() + self.delta_weight(k).to(w.device)).to(w.dtype))
+        self.merged_rank = k
+
+    @torch.no_grad()
+    def unmerge(self):
+        """Restore the base weight bit for bit (idempotent)."""
+        if self.merged_rank is None:
+            return
+        self.base_layer.weight.copy_(self._unmerged_weight)
+        self._unmerged_weight, self.merged_rank = None, None
+
+    def extra_repr(self):
+        return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
+                f"schedule={self.schedule.name}, fan_in_fan_out={self.fan_in_fan_out}")
+
+
+# -----------------------------------------------------------------------------
+# 4. model surgery and adapter state
+
+
+def _target_matches(name: str, target: str) -> bool:
+    """A target matches a module name exactly, as a dotted suffix, or as a full regex."""
+    if name == target or name.endswith("." + target):
+        return True
+    try:
+        return re.fullmatch(target, name) is not None
+    except re.error:
+        return False
+
+
+def adapter_layers(model: nn.Module) -> Dict[str, MatryoshkaLinear]:
+    """{module name: MatryoshkaLinear} for every adapter in model."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, MatryoshkaLinear)}
+
+
+def _require_adapters(model) -> Dict[str, MatryoshkaLinear]:
+    layers = adapter_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no Matryoshka adapters; call mlora.inject first")
+    return layers
+
+
+def get_schedule(model: nn.Module) -> Schedule:
+    """The schedule shared by the model's adapters."""
+    return next(iter(_require_adapters(model).values())).schedule
+
+
+class _AdvanceHook:
+    """Forward pre-hook on the model: one schedule step per training forward.
+
+    A class rather than a closure so that models stay picklable and deepcopy
+    keeps the copy's hook pointed at the copy's schedule.
+    """
+
+    def __init__(self, schedule: Schedule):
+        self.schedule = schedule
+
+    def __call__(self, module, args):
+        if module.training and self.schedule.auto_advance:
+            self.schedule.advance()
+
+
+def inject(model: nn.Module, targets: Union[str, Sequence[str]], rank: int,
+           method: str = "matryoshka", train_ranks=None, scaling: str = "sqrt",
+           alpha: float = 1.0, dropout: float = 0.0, seed: int = 0, dtype=None,
+           **schedule_options) -> List[str]:
+    """Replace the model's matching linear layers with MatryoshkaLinear adapters.
+
+    targets: a name or list of names; each matches a module name exactly, as a
+    dotted suffix ('c_attn' matches 'transformer.h.0.attn.c_attn'), or as a full
+    regex. Every parameter that is not an adapter is frozen. Returns the
+    replaced names. Extra options go to the schedule (weights and normalize for
+    matryoshka; sample and frozen for dylora). dtype defaults to each base
+    weight's dtype; pass torch.float32 to train float32 adapters on a bf16 model.
+
+    Nothing changes unless everything checks out: a failed inject leaves the
+    model as it was. The schedule advances before each training forward of
+    model (see DyLoRASchedule for drawing once per optimizer step).
+    """
+    schedule = make_schedule(method, rank, train_ranks, scaling, alpha, seed, **schedule_options)
+    if adapter_layers(model):
+        raise ValueError("model already has Matryoshka adapters; call mlora.remove first")
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    if not targets:
+        raise ValueError("targets is empty")
+    linear_names = [n for n, m in model.named_modules() if n and _linear_shape(m) is not None]
+    names = [n for n in linear_names if any(_target_matches(n, t) for t in targets)]
+    if not names:
+        raise ValueError(f"targets {targets} matched no linear layer; linear layers are named like "
+                         f"{linear_names[:6]}")
+    modules = dict(model.named_modules())
+    new = {n: MatryoshkaLinear(modules[n], rank, schedule, dropout, dtype=dtype) for n in names}
+    # all adapters are built: now change the model
+    for n, layer in new.items():
+        parent_name, _, child = n.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, child, layer)
+    for pname, param in model.named_parameters():
+        param.requires_grad_(pname.rpartition(".")[2] in ("lora_A", "lora_B"))
+    schedule._hook = model.register_forward_pre_hook(_AdvanceHook(schedule))
+    return names
+
+
+def remove(model: nn.Module) -> List[str]:
+    """Put the original layers back (unmerged) and drop the adapters. Returns their names."""
+    layers = _require_adapters(model)
+    modules = dict(model.named_modules())
+    for n, layer in layers.items():
+        layer.unmerge()
+        parent_name, _, child = n.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, child, layer.base_layer)
+    hook = getattr(next(iter(layers.values())).schedule, "_hook", None)
+    if hook is not None:
+        hook.remove()
+    return list(layers)
+
+
+def set_rank(model: nn.Module, rank):
+    """Set the inference rank of every adapter.
+
+    rank: None (back to the training schedule), an int k, a 1-D tensor with one
+    rank per batch row of the next forwards, or a dict {layer name: int} for
+    per-layer ranks (layers not named keep their rank).
+    """
+    layers = _require_adapters(model)
+    if isinstance(rank, dict):
+        unknown = sorted(set(rank) - set(layers))
+        if unknown:
+            raise KeyError(f"no adapter named {unknown[0]!r}; adapters are {sorted(layers)[:6]}...")
+        for n, k in rank.items():
+            layers[n].set_rank(k)
+        return
+    for layer in layers.values():   # check every layer before changing any
+        if layer.merged_rank is not None:
+            raise ValueError(f"model is merged at rank {layer.merged_rank}; unmerge before set_rank")
+    for layer in layers.values():
+        layer.set_rank(rank)
+
+
+def _saved_ranks(layers):
+    return {n: layer.active_rank for n, layer in layers.items()}
+
+
+def _restore_ranks(layers, saved):
+    for n, layer in layers.items():
+        layer.set_rank(saved[n])
+
+
+def nested_loss(model: nn.Module, compute_loss: Callable[[], torch.Tensor],
+                ranks: Optional[Sequence[int]] = None, weights=None) -> torch.Tensor:
+    """The exact nested objective: sum over k in ranks of w_k * loss at rank k.
+
+    Runs compute_loss() once per rank with the model set to that rank (|S|
+    forwards) and returns the weighted sum, ready for backward(). ranks default
+    to the schedule's train ranks. The ranks set before the call are restored.
+    """
+    layers = _require_adapters(model)
+    ranks = get_schedule(model).train_ranks if ranks is None else list(ranks)
+    weights = [1.0] * len(ranks) if weights is None else list(weights)
+    if not ranks or len(weights) != len(ranks):
+        raise ValueError(f"need one weight per rank, got ranks={ranks} weights={weights}")
+    saved = _saved_ranks(layers)
+    try:
+        total = 0.0
+        for k, w in zip(ranks, weights):
+            set_rank(model, k)
+            total = total + w * compute_loss()
+    finally:
+        _restore_ranks(layers, saved)
+    return total
+
+
+def merge(model: nn.Module, rank):
+    """Fold the rank-k adapters into the base weights (accumulated in float32).
+
+    rank: an int, or a dict {layer name: int} of per-layer ranks (layers not
+    named are left unmerged). Explicit and idempotent: merging twice is merging
+    once, and train()/eval() never merge or unmerge anything.
+    """
+    layers = _require_adapters(model)
+    plan = rank if isinstance(rank, dict) else {n: rank for n in layers}
+    for n, k in plan.items():   # check the whole plan first
+        if n not in layers:
+            raise KeyError(f"no adapter named {n!r}")
+        _check_rank(k, f"merge rank for {n}")
+        if k > layers[n].rank:
+            raise ValueError(f"merge rank {k} is above the adapter rank {layers[n].rank} of {n}")
+    for n, k in plan.items():
+        layers[n].merge(k)
+
+
+def unmerge(model: nn.Module):
+    """Restore every base weight exactly as it was before merge."""
+    for layer in _require_adapters(model).values():
+        layer.unmerge()
+
+
+def adapter_state_dict(model: nn.Module, rank: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """The adapter tensors only, keyed by module path ('<name>.lora_A', '<name>.lora_B').
+
+    With rank=k, each adapter is truncated to its first k components: a
+    rank-k adapter that loads into a model injected at rank k.
+    """
+    state = {}
+    for n, layer in _require_adapters(model).items():
+        k = layer.rank if rank is None else _check_rank(rank)
+        if k > layer.rank:
+            raise ValueError(f"rank {k} is above the adapter rank {layer.rank} of {n}")
+        state[f"{n}.lora_A"] = layer.lora_A.detach()[:k].clone()     # (k, in)
+        state[f"{n}.lora_B"] = layer.lora_B.detach()[:, :k].clone()  # (out, k)
+    return state
+
+
+@torch.no_grad()
+def load_adapter_state_dict(model: nn.Module, state: Dict[str, torch.Tensor]):
+    """Load adapter tensors; every key and shape is checked before anything is copied."""
+    layers = _require_adapters(model)
+    expected = {}
+    for n, layer in layers.items():
+        expected[f"{n}.lora_A"] = layer.lora_A
+        expected[f"{n}.lora_B"] = layer.lora_B
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise KeyError(f"adapter state does not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    for key, param in expected.items():
+        if tuple(state[key].shape) != tuple(param.shape):
+            raise ValueError(f"{key}: state has shape {tuple(state[key].shape)}, "
+                             f"model has {tuple(param.shape)}")
+    for key, param in expected.items():
+        param.copy_(state[key])
+
+
+def save_adapter(model: nn.Module, path: str, rank: Optional[int] = None):
+    """Write the adapter (optionally truncated to rank) and its config to one file.
+
+    Written to a temporary file and renamed, so a crash never leaves half a file.
+    """
+    schedule = get_schedule(model)
+    config = dict(schedule.config(), rank=rank or schedule.rank)
+    payload = {"config": config, "state": adapter_state_dict(model, rank)}
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_adapter(model: nn.Module, path: str) -> dict:
+    """Load a file written by save_adapter into an injected model; returns its config."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no adapter file at {path!r}")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    load_adapter_state_dict(model, payload["state"])
+    return payload["config"]
+
+
+# -----------------------------------------------------------------------------
+# 5. AURAC and rank curves
+
+
+def aurac(ranks: Sequence[float], accs: Sequence[float], scale: str = "log2") -> float:
+    """Area under the rank-accuracy curve, normalised to the accuracy scale.
+
+    The trapezoid area over x = log2(rank) ('log2') or x = rank ('linear'),
+    divided by x_n - x_1. A single rank gives its accuracy. Input order does
+    not matter; points are sorted by rank.
+    """
+    if scale not in ("log2", "linear"):
+        raise ValueError(f"unknown AURAC scale {scale!r}; expected 'log2' or 'linear'")
+    ranks, accs = [float(r) for r in ranks], [float(a) for a in accs]
+    if len(ranks) != len(accs) or not ranks:
+        raise ValueError(f"need one accuracy per rank, got {len(ranks)} ranks and {len(accs)} accuracies")
+    if any(r <= 0 or not math.isfinite(r) for r in ranks) or len(set(ranks)) != len(ranks):
+        raise ValueError(f"ranks must be distinct positive numbers, got {ranks}")
+    if not all(math.isfinite(a) for a in accs):
+        raise ValueError(f"accuracies must be finite, got {accs}")
+    points = sorted(zip(ranks, accs))
+    if len(points) == 1:
+        return points[0][1]
+    xs = [math.log2(r) if scale == "log2" else r for r, _ in points]
+    ys = [a for _, a in points]
+    area = sum((xs[i + 1] - xs[i]) * (ys[i] + ys[i + 1]) / 2 for i in range(len(xs) - 1))
+    return area / (xs[-1] - xs[0])
+
+
+def evaluate_ranks(model: nn.Module, ranks: Sequence[int], evaluate: Callable[[nn.Module], float]) -> List:
+    """[evaluate(model) at rank k for k in ranks]; the ranks set before are restored."""
+    layers = _require_adapters(model)
+    saved = _saved_ranks(layers)
+    try:
+        results = []
+        for k in ranks:
+            set_rank(model, k)
+            results.append(evaluate(model))
+    finally:
+        _restore_ranks(layers, saved)
+    return results
+
+
+# -----------------------------------------------------------------------------
+# 6. a minimal GPT-2
+#
+# Module names follow Hugging Face GPT-2, so a checkpoint copies key by key and
+# adapter targets ('c_attn', 'c_proj', 'c_fc') read the same on both. Hugging
+# Face stores the four projections as Conv1D, (in, out); here they are
+# nn.Linear, (out, in), and from_pretrained transposes them.
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024    # longest sequence; the size of the position table
+    vocab_size: int = 50257   # GPT-2's BPE vocabulary; a char model uses its own
+    n_layer: int = 12         # transformer blocks
+    n_head: int = 12          # attention heads; must divide n_embd
+    n_embd: int = 768         # width of the residual stream
+    dropout: float = 0.0      # 0 for fine-tuning; 0.1-0.2 helps small models pretrain
+    bias: bool = True         # biases in Linear and LayerNorm, as GPT-2 has them
+
+    def __post_init__(self):
+        for field in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            _check_rank(getattr(self, field), field)
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+
+
+# Small settings for the character-level toy; 'gpt2' is the 124M model.
+PRESETS = {
+    "char-tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64),             # tests, --quick
+    "char-cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=128),            # ~0.8M, CPU minutes
+    "char-gpu": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.1),  # ~10.7M, one GPU
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),
+}
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.dropout = config.n_head, config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)                          # 3 x (B, T, C)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)                 # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")   # GPT-2's 'gelu_new'
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """GPT-2: learned positions, pre-LayerNorm blocks, GELU MLP, tied embeddings."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # tied, as in GPT-2
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):   # GPT-2's scaled init of residual projections
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; position embeddings left out by default (the tied token table stays)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None):
+        """idx (B, T) token ids -> (logits (B, T, vocab), mean cross-entropy or None).
+
+        Targets equal to -1 are ignored by the loss.
+        """
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        pos = torch.arange(T, device=idx.device)                          # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x)
+        logits = self.lm_head(self.transformer.ln_f(x))                   # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Extend idx (B, T) by max_new_tokens; temperature 0 is greedy decoding."""
+        for _ in range(max_new_tokens):
+            context = idx[:, -self.config.block_size:]
+            logits = self(context)[0][:, -1, :].float()                   # (B, vocab)
+            if temperature == 0:
+                next_id = logits.argmax(-1, keepdim=True)                 # (B, 1)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits[logits < kth] = -float("inf")
+                probs = F.softmax(logits, dim=-1)
+                next_id = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+            idx = torch.cat([idx, next_id], dim=1)
+        return idx
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype=None) -> "GPT":
+        """Load a local Hugging Face GPT-2 directory (config.json and model.safetensors,
+        a sharded safetensors index, or pytorch_model.bin). Never touches the network."""
+        config = _gpt2_config_from_hf(path)
+        model = cls(config)
+        hf_state = _read_hf_weights(path)
+        # old checkpoints name keys 'h.0...', new ones 'transformer.h.0...'
+        hf_state = {k[len("transformer."):] if k.startswith("transformer.") else k: v for k, v in hf_state.items()}
+        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        ours = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied to wte
+        missing = [k for k in ours if k[len("transformer."):] not in hf_state]
+        if missing:
+            raise ValueError(f"{path}: checkpoint lacks {missing[:4]} ({len(missing)} keys missing)")
+        loaded = {}
+        for key, mine in ours.items():
+            theirs = hf_state[key[len("transformer."):]]
+            if key.endswith(conv1d):
+                theirs = theirs.t()
+            if theirs.shape != mine.shape:
+                raise ValueError(f"{path}: {key} has shape {tuple(theirs.shape)} in the checkpoint, "
+                                 f"the config implies {tuple(mine.shape)}")
+            loaded[key] = theirs
+        with torch.no_grad():
+            for key, value in loaded.items():
+                model.state_dict()[key].copy_(value)
+        return model if dtype is None else model.to(dtype)
+
+
+def _gpt2_config_from_hf(path: str) -> GPTConfig:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no checkpoint directory at {path!r} (mlora reads local directories only)")
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{path!r} has no config.json")
+    with open(config_file) as f:
+        hf = json.load(f)
+    if hf.get("model_type") != "gpt2":
+        raise ValueError(f"{config_file}: model_type is {hf.get('model_type')!r}; GPT.from_pretrained reads GPT-2 only")
+    n_embd = hf["n_embd"]
+    unsupported = {
+        "activation_function": (hf.get("activation_function", "gelu_new"), ("gelu_new", "gelu_pytorch_tanh")),
+        "n_inner": (hf.get("n_inner"), (None, 4 * n_embd)),
+        "scale_attn_weights": (hf.get("scale_attn_weights", True), (True,)),
+        "scale_attn_by_inverse_layer_idx": (hf.get("scale_attn_by_inverse_layer_idx", False), (False,)),
+        "tie_word_embeddings": (hf.get("tie_word_embeddings", True), (True,)),
+    }
+    for field, (value, allowed) in unsupported.items():
+        if value not in allowed:
+            raise ValueError(f"{config_file}: {field}={value!r} is not supported (expected one of {allowed})")
+    eps = hf.get("layer_norm_epsilon", 1e-5)
+    if abs(eps - 1e-5) > 1e-12:
+        raise ValueError(f"{config_file}: layer_norm_epsilon={eps} is not supported (expected 1e-05)")
+    return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                     n_head=hf["n_head"], n_embd=n_embd, dropout=0.0, bias=True)
+
+
+def _read_hf_weights(path: str) -> Dict[str, torch.Tensor]:
+    single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
+    binary = os.path.join(path, "pytorch_model.bin")
+    try:
+        if os.path.isfile(single) or os.path.isfile(index):
+            from safetensors.torch import load_file   # only needed for safetensors checkpoints
+            if os.path.isfile(single):
+                return load_file(single)
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            state = {}
+            for shard in shards:
+                state.update(load_file(os.path.join(path, shard)))
+            return state
+        if os.path.isfile(binary):
+            return torch.load(binary, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError, KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: could not read the weights ({type(e).__name__}: {e}); "
+                         "is the file complete?") from e
+    except Exception as e:   # safetensors raises its own SafetensorError for a damaged file
+        if type(e).__name__ == "SafetensorError":
+            raise ValueError(f"{path}: could not read the weights ({e}); is the file complete?") from e
+        raise
+    raise FileNotFoundError(f"{path!r} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+# -----------------------------------------------------------------------------
+# tokenizers
+
+
+class CharTokenizer:
+    """One id per character, in sorted order of the characters given."""
+
+    def __init__(self, chars: str):
+        self.chars = "".join(sorted(set(chars)))
+        if not self.chars:
+            raise ValueError("CharTokenizer needs at least one character")
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharTokenizer":
+        return cls(text)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> List[int]:
+        try:
+            return [self.stoi[c] for c in text]
+        except KeyError as e:
+            raise ValueError(f"character {e.args[0]!r} is not in the tokenizer's vocabulary") from None
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return "".join(self.chars[int(i)] for i in ids)
+
+
+class HFTokenizer:
+    """A thin wrapper over a `tokenizers.Tokenizer`: encode to ids, decode to text."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def encode(self, text: str) -> List[int]:
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def load_tokenizer(path: str) -> HFTokenizer:
+    """The tokenizer of a local Hugging Face directory: tokenizer.json, or GPT-2's
+    vocab.json + merges.txt. Needs the `tokenizers` package (imported here only)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    full = os.path.join(path, "tokenizer.json")
+    vocab, merges = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
+    if os.path.isfile(full):
+        return HFTokenizer(Tokenizer.from_file(full))
+    if os.path.isfile(vocab) and os.path.isfile(merges):
+        tok = Tokenizer(models.BPE.from_file(vocab, merges))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        return HFTokenizer(tok)
+    raise FileNotFoundError(f"{path!r} has no tokenizer.json, nor vocab.json and merges.txt")
