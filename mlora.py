@@ -416,7 +416,7 @@ class MatryoshkaLinear(nn.Module):
             if x.dim() < 2 or x.shape[0] != len(rank):
                 raise ValueError(f"per-row ranks were set for a batch of {len(rank)}, "
                                  f"got input of shape {tuple(x.shape)}")
-            p = self._row_p.to(A.dtype)
+            p = self._row_p.to(A.device, A.dtype)
             A, B = A[:p.shape[-1]], B[:, :p.shape[-1]]
         if torch.is_tensor(p) and p.dim() == 2:                  # one row of p per batch row
             p = p.view(p.shape[0], *([1] * (x.dim() - 2)), p.shape[1])   # (batch, 1.., k)
