@@ -32,6 +32,7 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, asdict
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
@@ -46,7 +47,7 @@ __all__ = [
     "inject", "remove", "adapter_layers", "get_schedule", "set_rank", "nested_loss",
     "merge", "unmerge", "adapter_state_dict", "load_adapter_state_dict",
     "save_adapter", "load_adapter", "aurac", "evaluate_ranks",
-    "GPTConfig", "GPT", "CharTokenizer", "load_tokenizer",
+    "GPTConfig", "PRESETS", "GPT", "CharTokenizer", "HFTokenizer", "load_tokenizer",
 ]
 
 METHODS = ("lora", "dylora", "matryoshka", "stratified")
@@ -208,7 +209,7 @@ class MatryoshkaSchedule(Schedule):
             weights = [1.0] * len(self.train_ranks)
         weights = [float(w) for w in weights]
         if len(weights) != len(self.train_ranks):
-            raise ValueError(f"weights has {len(weights)} entries but train_ranks has "
+            raise ValueError(f"weights {weights} has {len(weights)} entries but train_ranks has "
                              f"{len(self.train_ranks)}: {self.train_ranks}")
         if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) == 0:
             raise ValueError(f"weights must be finite, non-negative and not all zero, got {weights}")
@@ -384,10 +385,11 @@ class MatryoshkaLinear(nn.Module):
             lo, hi = int(rank.min()), int(rank.max())
             if lo < 1 or hi > self.rank:
                 raise ValueError(f"per-row rank {lo if lo < 1 else hi} outside 1..{self.rank}")
-            k = rank.to(self.lora_A.device, torch.float32)[:, None]   # (batch, 1)
-            cols = torch.arange(1, hi + 1, device=k.device)            # (kmax,)
+            # scales in float64 on the CPU, then cast: float32 here would cost float64 adapters 1e-8
+            k = rank.detach().to("cpu", torch.float64)[:, None]       # (batch, 1)
+            cols = torch.arange(1, hi + 1, dtype=torch.float64)        # (kmax,)
             self.active_rank = rank.clone()
-            self._row_p = (cols <= k) * self.schedule.scale(k)        # (batch, kmax)
+            self._row_p = ((cols <= k) * self.schedule.scale(k)).to(self.lora_A.device, self.lora_A.dtype)  # (batch, kmax)
         else:
             _check_rank(rank)
             if rank > self.rank:
@@ -426,8 +428,9 @@ class MatryoshkaLinear(nn.Module):
     # --- merging --------------------------------------------------------------
 
     def delta_weight(self, k: int) -> torch.Tensor:
-        """s(k) B[:, :k] A[:k] in float32, laid out like the base weight."""
-        delta = (self.lora_B[:, :k].float() @ self.lora_A[:k].float()) * self.schedule.scale(k)  # (out, in)
+        """s(k) B[:, :k] A[:k] in float32 (float64 for float64 adapters), laid out like the base weight."""
+        acc = torch.promote_types(self.lora_A.dtype, torch.float32)   # never below float32, never lose float64
+        delta = (self.lora_B[:, :k].to(acc) @ self.lora_A[:k].to(acc)) * self.schedule.scale(k)  # (out, in)
         return delta.T if self.fan_in_fan_out else delta
 
     @torch.no_grad()
@@ -442,7 +445,9 @@ class MatryoshkaLinear(nn.Module):
         w = self.base_layer.weight
         # keep the original so unmerge is exact: subtracting in low precision would not be
         self._unmerged_weight = w.detach().clone()
-        w.copy_((w.float() + self.delta_weight(k).to(w.device)).to(w.dtype))
+        delta = self.delta_weight(k).to(w.device)
+        acc = torch.promote_types(w.dtype, delta.dtype)              # float32 for bf16/fp16 bases
+        w.copy_((w.to(acc) + delta.to(acc)).to(w.dtype))
         self.merged_rank = k
 
     @torch.no_grad()
@@ -498,10 +503,18 @@ class _AdvanceHook:
 
     def __init__(self, schedule: Schedule):
         self.schedule = schedule
+        self.warned = False
 
     def __call__(self, module, args):
-        if module.training and self.schedule.auto_advance:
-            self.schedule.advance()
+        if module.training:
+            if self.schedule.auto_advance:
+                self.schedule.advance()
+        elif self.schedule.dynamic and torch.is_grad_enabled() and not self.warned:
+            # Hugging Face's from_pretrained returns models in eval mode: training
+            # them so would reuse one DyLoRA / stratified draw for every step
+            self.warned = True
+            warnings.warn(f"{type(module).__name__} is in eval mode, so the {self.schedule.name} schedule "
+                          "does not advance; call model.train() before training", stacklevel=2)
 
 
 def inject(model: nn.Module, targets: Union[str, Sequence[str]], rank: int,
@@ -533,7 +546,13 @@ def inject(model: nn.Module, targets: Union[str, Sequence[str]], rank: int,
         raise ValueError(f"targets {targets} matched no linear layer; linear layers are named like "
                          f"{linear_names[:6]}")
     modules = dict(model.named_modules())
-    new = {n: MatryoshkaLinear(modules[n], rank, schedule, dropout, dtype=dtype) for n in names}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        new = {n: MatryoshkaLinear(modules[n], rank, schedule, dropout, dtype=dtype) for n in names}
+    except Exception:
+        for p, flag in flags:   # each built adapter froze its base layer: undo that
+            p.requires_grad_(flag)
+        raise
     # all adapters are built: now change the model
     for n, layer in new.items():
         parent_name, _, child = n.rpartition(".")
@@ -912,15 +931,14 @@ class GPT(nn.Module):
         loaded = {}
         for key, mine in ours.items():
             theirs = hf_state[key[len("transformer."):]]
-            if key.endswith(conv1d):
-                theirs = theirs.t()
-            if theirs.shape != mine.shape:
+            expected = mine.shape[::-1] if key.endswith(conv1d) else mine.shape   # in the checkpoint's layout
+            if tuple(theirs.shape) != tuple(expected):
                 raise ValueError(f"{path}: {key} has shape {tuple(theirs.shape)} in the checkpoint, "
-                                 f"the config implies {tuple(mine.shape)}")
-            loaded[key] = theirs
+                                 f"but config.json implies {tuple(expected)}")
+            loaded[key] = theirs.t() if key.endswith(conv1d) else theirs
         with torch.no_grad():
             for key, value in loaded.items():
-                model.state_dict()[key].copy_(value)
+                ours[key].copy_(value)   # state_dict tensors share storage with the parameters
         return model if dtype is None else model.to(dtype)
 
 
@@ -930,10 +948,16 @@ def _gpt2_config_from_hf(path: str) -> GPTConfig:
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{path!r} has no config.json")
-    with open(config_file) as f:
-        hf = json.load(f)
+    try:
+        with open(config_file) as f:
+            hf = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{config_file} is not valid JSON ({e})") from e
     if hf.get("model_type") != "gpt2":
         raise ValueError(f"{config_file}: model_type is {hf.get('model_type')!r}; GPT.from_pretrained reads GPT-2 only")
+    absent = [k for k in ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd") if k not in hf]
+    if absent:
+        raise ValueError(f"{config_file}: GPT-2 config lacks {absent}")
     n_embd = hf["n_embd"]
     unsupported = {
         "activation_function": (hf.get("activation_function", "gelu_new"), ("gelu_new", "gelu_pytorch_tanh")),
@@ -955,25 +979,30 @@ def _gpt2_config_from_hf(path: str) -> GPTConfig:
 def _read_hf_weights(path: str) -> Dict[str, torch.Tensor]:
     single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
     binary = os.path.join(path, "pytorch_model.bin")
+    file = None   # the file being read, named in the error if it is damaged
     try:
         if os.path.isfile(single) or os.path.isfile(index):
             from safetensors.torch import load_file   # only needed for safetensors checkpoints
             if os.path.isfile(single):
+                file = single
                 return load_file(single)
+            file = index
             with open(index) as f:
                 shards = sorted(set(json.load(f)["weight_map"].values()))
             state = {}
             for shard in shards:
-                state.update(load_file(os.path.join(path, shard)))
+                file = os.path.join(path, shard)
+                state.update(load_file(file))
             return state
         if os.path.isfile(binary):
+            file = binary
             return torch.load(binary, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError, KeyError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: could not read the weights ({type(e).__name__}: {e}); "
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        raise ValueError(f"could not read the weights in {file!r} ({type(e).__name__}: {e}); "
                          "is the file complete?") from e
     except Exception as e:   # safetensors raises its own SafetensorError for a damaged file
         if type(e).__name__ == "SafetensorError":
-            raise ValueError(f"{path}: could not read the weights ({e}); is the file complete?") from e
+            raise ValueError(f"could not read the weights in {file!r} ({e}); is the file complete?") from e
         raise
     raise FileNotFoundError(f"{path!r} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
@@ -1026,10 +1055,32 @@ class HFTokenizer:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
+def _special_tokens(path: str) -> List[str]:
+    """Special token strings named by a tokenizer directory's JSON files; GPT-2's
+    '<|endoftext|>' when it names none (transformers' GPT-2 default)."""
+    found = []
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            continue
+        with open(file) as f:
+            cfg = json.load(f)
+        values = [cfg.get(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")]
+        values += cfg.get("additional_special_tokens") or []
+        values += [t for t in (cfg.get("added_tokens_decoder") or {}).values() if t.get("special", True)]
+        for v in values:
+            v = v.get("content") if isinstance(v, dict) else v
+            if isinstance(v, str) and v not in found:
+                found.append(v)
+    return found or ["<|endoftext|>"]
+
+
 def load_tokenizer(path: str) -> HFTokenizer:
     """The tokenizer of a local Hugging Face directory: tokenizer.json, or GPT-2's
     vocab.json + merges.txt. Needs the `tokenizers` package (imported here only)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no tokenizer directory at {path!r} (mlora reads local directories only)")
     full = os.path.join(path, "tokenizer.json")
     vocab, merges = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
     if os.path.isfile(full):
@@ -1038,5 +1089,233 @@ def load_tokenizer(path: str) -> HFTokenizer:
         tok = Tokenizer(models.BPE.from_file(vocab, merges))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
+        # special tokens are not in vocab.json + merges.txt; without them '<|endoftext|>'
+        # in a text would split into pieces where transformers keeps it one id
+        specials = [t for t in _special_tokens(path) if tok.token_to_id(t) is not None]
+        tok.add_special_tokens([AddedToken(t, special=True) for t in specials])
         return HFTokenizer(tok)
     raise FileNotFoundError(f"{path!r} has no tokenizer.json, nor vocab.json and merges.txt")
+
+
+# -----------------------------------------------------------------------------
+# 7. deployment: export a prefix rank to PEFT, per-layer ranks under a budget
+#
+# One trained hierarchy serves many budgets: export_peft writes any prefix rank
+# (or a rank per layer) as a standard Hugging Face PEFT LoRA adapter, and
+# allocate_ranks picks a rank per layer for a given number of adapter
+# parameters. Mixed ranks in one batch need nothing new: set_rank(model, ranks)
+# with a (batch,) tensor runs each sequence at its own rank.
+
+__all__ += ["adapter_param_count", "export_peft", "allocate_ranks"]
+
+
+def _layer_ranks(layers: Dict[str, MatryoshkaLinear], rank) -> Dict[str, int]:
+    """Check rank (an int, or {layer name: int} naming every layer) -> {name: k}."""
+    if isinstance(rank, dict):
+        unknown = sorted(set(rank) - set(layers))
+        missing = sorted(set(layers) - set(rank))
+        if unknown or missing:
+            raise ValueError(f"rank dict must name every adapter exactly: unknown {unknown[:4]}, "
+                             f"missing {missing[:4]}")
+        plan = dict(rank)
+    else:
+        plan = {n: rank for n in layers}
+    for n, k in plan.items():
+        _check_rank(k, f"rank of {n}")
+        if k > layers[n].rank:
+            raise ValueError(f"rank {k} of {n} is above its trained rank {layers[n].rank}")
+    return plan
+
+
+def adapter_param_count(model: nn.Module, rank) -> int:
+    """Adapter parameters at rank (an int or {name: int}): sum of k * (in + out)."""
+    layers = _require_adapters(model)
+    plan = _layer_ranks(layers, rank)
+    return sum(k * (layers[n].in_features + layers[n].out_features) for n, k in plan.items())
+
+
+# Hugging Face GPT-2 stores these as Conv1D, (in, out); mlora.GPT as nn.Linear
+_HF_GPT2_CONV1D = ("c_attn", "c_proj", "c_fc")
+
+
+def export_peft(model: nn.Module, rank, out_dir: str,
+                base_model_name_or_path: Optional[str] = None) -> dict:
+    """Write the rank-k prefix of the adapters as a Hugging Face PEFT LoRA adapter.
+
+    rank: an int, or {layer name: int} for per-layer ranks (PEFT's rank_pattern).
+    Writes out_dir/adapter_config.json and out_dir/adapter_model.safetensors, so
+    `PeftModel.from_pretrained(base, out_dir)` reproduces mlora's outputs at that
+    rank. Works for Hugging Face models (module paths kept as they are) and for
+    mlora.GPT, whose module names are Hugging Face GPT-2's: its export loads onto
+    a GPT2LMHeadModel. Returns the config written. Needs `safetensors`.
+    """
+    layers = _require_adapters(model)
+    plan = _layer_ranks(layers, rank)
+    schedule = get_schedule(model)
+
+    # PEFT stores A as lora_A.weight (k, in) and B as lora_B.weight (out, k) whatever
+    # the base layer's layout; fan_in_fan_out only tells it how the base weight lies.
+    tensors = {}
+    for n, layer in layers.items():
+        k = plan[n]
+        tensors[f"base_model.model.{n}.lora_A.weight"] = layer.lora_A.detach()[:k].contiguous().cpu()     # (k, in)
+        tensors[f"base_model.model.{n}.lora_B.weight"] = layer.lora_B.detach()[:, :k].contiguous().cpu()  # (out, k)
+
+    # The scale s(k): PEFT multiplies by lora_alpha / r, or lora_alpha / sqrt(r) with
+    # use_rslora, where r is the layer's own rank (from rank_pattern). So 'sqrt' maps
+    # to use_rslora with the same alpha and 'rank' to plain LoRA with the same alpha:
+    # every layer gets s(k) at its own k with no alpha_pattern, and the tensors stay
+    # the exact trained prefixes. 'none' (s = 1) needs lora_alpha = k per layer.
+    values = list(plan.values())
+    r = max(sorted(set(values)), key=values.count)   # the most common rank (the smallest on a tie)
+    rank_pattern = {n: k for n, k in plan.items() if k != r}
+    if schedule.scaling == "none":
+        lora_alpha, alpha_pattern = r, dict(rank_pattern)
+    else:
+        lora_alpha, alpha_pattern = schedule.alpha, {}
+    lora_alpha = int(lora_alpha) if float(lora_alpha).is_integer() else float(lora_alpha)
+
+    if isinstance(model, GPT):   # its Linear layers are Conv1D in the Hugging Face model it mirrors
+        fan_in_fan_out = any(n.rpartition(".")[2] in _HF_GPT2_CONV1D for n in layers)
+    else:
+        fan_in_fan_out = any(layer.fan_in_fan_out for layer in layers.values())
+
+    # PEFT adapts a module whose path equals a target or ends with "." + target. Short
+    # leaf names ('c_attn') read best, but 'c_proj' would also catch an mlp.c_proj that
+    # was never adapted; then list the full paths instead.
+    inside = tuple(n + "." for n in layers)
+    names = [n for n, _ in model.named_modules() if n and not n.startswith(inside)]
+    leaves = sorted({n.rpartition(".")[2] for n in layers})
+    caught = {n for n in names if any(n == t or n.endswith("." + t) for t in leaves)}
+    target_modules = leaves if caught == set(layers) else sorted(layers)
+
+    name = type(model).__name__
+    causal_lm = isinstance(model, GPT) or name.endswith(("ForCausalLM", "LMHeadModel"))
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM" if causal_lm else None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "use_rslora": schedule.scaling == "sqrt",
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "target_modules": target_modules,
+        "fan_in_fan_out": fan_in_fan_out,
+        "lora_dropout": float(getattr(next(iter(layers.values())).lora_dropout, "p", 0.0)),
+        "bias": "none",
+        "inference_mode": True,
+    }
+
+    from safetensors.torch import save_file   # only needed here
+    os.makedirs(out_dir, exist_ok=True)
+    # each file goes to a temporary name and is renamed into place, the config last,
+    # so a crash never leaves a config that points at half an adapter
+    files = [("adapter_model.safetensors", lambda f: save_file(tensors, f, metadata={"format": "pt"})),
+             ("adapter_config.json", lambda f: _write_json(config, f))]
+    for filename, write in files:
+        path = os.path.join(out_dir, filename)
+        tmp = f"{path}.tmp{os.getpid()}"
+        try:
+            write(tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return config
+
+
+def _write_json(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+@torch.no_grad()
+def allocate_ranks(model: nn.Module, calib_loss: Callable[[nn.Module], float], budget,
+                   ranks: Optional[Sequence[int]] = None) -> Dict[str, int]:
+    """Choose a rank per adapted layer that minimises calib_loss within a parameter budget.
+
+    calib_loss(model) -> float, e.g. the mean loss on a small calibration set.
+    budget: adapter parameters allowed (an int; rank k of a layer costs
+    k * (in + out)), or a float in (0, 1], a fraction of the parameters at the
+    largest candidate rank. ranks: the candidate ranks (default: the train ranks).
+    Returns {layer name: rank}, for set_rank(model, plan) or export_peft(model, plan, ...).
+
+    Greedy: start every layer at the smallest candidate, then repeatedly move the
+    one layer whose step to its next candidate rank lowers the calibration loss
+    the most per added parameter, among the steps that fit the budget; stop when
+    none fits or none helps. Finally, if a uniform rank within the budget has a
+    lower calibration loss than the greedy plan, it is returned instead, so the
+    result is never worse than uniform on the calibration set.
+
+    Cost: one calib_loss call per layer per step taken (at most L * (L * (|ranks| - 1) + 1)
+    calls for L layers; e.g. 16 layers and 6 ranks -> at most 1296, fewer under a
+    tight budget), plus one per uniform rank. Limits: the greedy looks one
+    candidate step ahead (a layer that only helps two steps up is not found),
+    layers never go below the smallest candidate (no layer is dropped), and the
+    plan fits the calibration set, so keep that set representative and apart
+    from the data you report on. The model's ranks and train/eval mode are restored.
+    """
+    layers = _require_adapters(model)
+    candidates = get_schedule(model).train_ranks if ranks is None else sorted(set(ranks))
+    if not candidates:
+        raise ValueError("ranks is empty; give at least one candidate rank")
+    max_rank = min(layer.rank for layer in layers.values())
+    for k in candidates:
+        _check_rank(k, "candidate rank")
+        if k > max_rank:
+            raise ValueError(f"candidate rank {k} is above the adapter rank {max_rank}")
+    size = {n: layer.in_features + layer.out_features for n, layer in layers.items()}  # params per rank
+    full = candidates[-1] * sum(size.values())
+    if isinstance(budget, float):
+        if not 0 < budget <= 1:
+            raise ValueError(f"a fractional budget must be in (0, 1], got {budget!r}")
+        budget = int(budget * full)
+    elif isinstance(budget, bool) or not isinstance(budget, int):
+        raise ValueError(f"budget must be an int (parameters) or a float in (0, 1], got {budget!r}")
+    plan = {n: candidates[0] for n in layers}
+    used = candidates[0] * sum(size.values())
+    if used > budget:
+        raise ValueError(f"budget {budget} is below {used} parameters, the cost of rank "
+                         f"{candidates[0]} in every layer")
+
+    def evaluate(ranks_now) -> float:
+        set_rank(model, ranks_now)
+        loss = float(calib_loss(model))
+        if not math.isfinite(loss):
+            raise ValueError(f"calib_loss returned {loss} at ranks {ranks_now}")
+        return loss
+
+    saved, was_training = _saved_ranks(layers), model.training
+    model.eval()   # no dropout, and no schedule step per forward
+    try:
+        loss = evaluate(plan)
+        while True:
+            best = None   # (loss decrease per parameter, layer, new rank, new loss)
+            for n in layers:
+                i = candidates.index(plan[n])
+                if i + 1 == len(candidates):
+                    continue
+                step = candidates[i + 1]
+                if used + (step - plan[n]) * size[n] > budget:
+                    continue
+                trial = evaluate({**plan, n: step})
+                gain = (loss - trial) / ((step - plan[n]) * size[n])
+                if best is None or gain > best[0]:
+                    best = (gain, n, step, trial)
+            if best is None or best[0] <= 0:
+                break
+            _, n, step, loss = best
+            used += (step - plan[n]) * size[n]
+            plan[n] = step
+        # the greedy can stall where a uniform rank does not; keep whichever is better
+        for k in candidates:
+            if k * sum(size.values()) <= budget:
+                uniform = evaluate({n: k for n in layers})
+                if uniform < loss:
+                    plan, loss = {n: k for n in layers}, uniform
+    finally:
+        _restore_ranks(layers, saved)
+        model.train(was_training)
+    return plan
