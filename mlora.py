@@ -23,9 +23,11 @@ Contents, top to bottom:
     4. model surgery: inject, set_rank, merge, adapter state, nested_loss
     5. AURAC and rank curves
     6. a minimal GPT-2 (loads local Hugging Face checkpoints) and tokenizers
+    7. deployment: export a prefix rank as a PEFT adapter, per-layer ranks under a budget
 
-Only torch is imported at module level; copy this file into a project and use
-it. See ../shared/METHOD.md of the repository for the method in full.
+Only torch is imported at module level (safetensors, tokenizers and peft's
+format are touched only inside the functions that need them); copy this file
+into a project and use it.
 """
 
 import json
