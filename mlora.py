@@ -139,6 +139,7 @@ class Schedule:
         self.step = 0
         self.auto_advance = True  # False: call advance() yourself, e.g. once per optimizer step
         self._cache = {}
+        self._warned = False
 
     def scale(self, k):
         return rank_scale(k, self.scaling, self.alpha)
@@ -148,6 +149,14 @@ class Schedule:
         self.step += 1
         if self.dynamic:
             self._cache.clear()
+
+    def warn_not_advancing(self):
+        # Hugging Face's from_pretrained returns models in eval mode: training one
+        # so would reuse a single DyLoRA / stratified draw for every step
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f"a forward with gradients ran in eval mode, where the {self.name} schedule "
+                          "does not advance; call model.train() before training", stacklevel=3)
 
     def generator(self) -> torch.Generator:
         # seed and step mixed by a large odd multiplier, so nearby seeds give unrelated streams
@@ -407,15 +416,19 @@ class MatryoshkaLinear(nn.Module):
         A, B = self.lora_A, self.lora_B
         rank = self.active_rank
         if rank is None:                                         # training: diag(p) from the schedule
+            if not self.training and self.schedule.dynamic and torch.is_grad_enabled():
+                self.schedule.warn_not_advancing()
             p = self.schedule.device_p(x.shape[0], A.device, A.dtype)   # (k,) or (batch, k)
             k, frozen = p.shape[-1], self.schedule.frozen_below
-            A, B = A[:k], B[:, :k]
+            if k < self.rank:   # a full-width slice only adds autograd nodes that zero-fill and copy the grads
+                A, B = A[:k], B[:, :k]
             if frozen > 0:   # frozen DyLoRA: the lower components take part but learn nothing
                 A = torch.cat([A[:frozen].detach(), A[frozen:]])
                 B = torch.cat([B[:, :frozen].detach(), B[:, frozen:]], dim=1)
         elif isinstance(rank, int):                              # one inference rank
             p = self.schedule.scale(rank)
-            A, B = A[:rank], B[:, :rank]
+            if rank < self.rank:
+                A, B = A[:rank], B[:, :rank]
         else:                                                    # a rank per batch row
             if x.dim() < 2 or x.shape[0] != len(rank):
                 raise ValueError(f"per-row ranks were set for a batch of {len(rank)}, "
@@ -505,18 +518,10 @@ class _AdvanceHook:
 
     def __init__(self, schedule: Schedule):
         self.schedule = schedule
-        self.warned = False
 
     def __call__(self, module, args):
-        if module.training:
-            if self.schedule.auto_advance:
-                self.schedule.advance()
-        elif self.schedule.dynamic and torch.is_grad_enabled() and not self.warned:
-            # Hugging Face's from_pretrained returns models in eval mode: training
-            # them so would reuse one DyLoRA / stratified draw for every step
-            self.warned = True
-            warnings.warn(f"{type(module).__name__} is in eval mode, so the {self.schedule.name} schedule "
-                          "does not advance; call model.train() before training", stacklevel=2)
+        if module.training and self.schedule.auto_advance:
+            self.schedule.advance()
 
 
 def inject(model: nn.Module, targets: Union[str, Sequence[str]], rank: int,
