@@ -48,7 +48,7 @@ __all__ = [
     "make_schedule", "MatryoshkaLinear",
     "inject", "remove", "adapter_layers", "get_schedule", "set_rank", "nested_loss",
     "merge", "unmerge", "adapter_state_dict", "load_adapter_state_dict",
-    "save_adapter", "load_adapter", "aurac", "evaluate_ranks",
+    "save_adapter", "load_adapter", "atomic_write", "aurac", "evaluate_ranks",
     "GPTConfig", "PRESETS", "GPT", "CharTokenizer", "HFTokenizer", "load_tokenizer",
 ]
 
@@ -700,6 +700,18 @@ def load_adapter_state_dict(model: nn.Module, state: Dict[str, torch.Tensor]):
         param.copy_(state[key])
 
 
+def atomic_write(path: str, write: Callable[[str], None]):
+    """write(tmp_path), then rename onto path: readers see the old file or the new
+    one, never half of one, and a failed write leaves the old file as it was."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def save_adapter(model: nn.Module, path: str, rank: Optional[int] = None):
     """Write the adapter (optionally truncated to rank) and its config to one file.
 
@@ -708,13 +720,7 @@ def save_adapter(model: nn.Module, path: str, rank: Optional[int] = None):
     schedule = get_schedule(model)
     config = dict(schedule.config(), rank=rank or schedule.rank)
     payload = {"config": config, "state": adapter_state_dict(model, rank)}
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_adapter(model: nn.Module, path: str) -> dict:
@@ -1223,14 +1229,7 @@ def export_peft(model: nn.Module, rank, out_dir: str,
     files = [("adapter_model.safetensors", lambda f: save_file(tensors, f, metadata={"format": "pt"})),
              ("adapter_config.json", lambda f: _write_json(config, f))]
     for filename, write in files:
-        path = os.path.join(out_dir, filename)
-        tmp = f"{path}.tmp{os.getpid()}"
-        try:
-            write(tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_write(os.path.join(out_dir, filename), write)
     return config
 
 

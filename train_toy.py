@@ -464,20 +464,14 @@ def setup_runtime(args) -> Runtime:
 
 
 def _atomic_save(obj, path: str):
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    mlora.atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _atomic_write_text(path: str, text: str):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    mlora.atomic_write(path, write)
 
 
 def _hash(obj) -> str:
@@ -914,10 +908,7 @@ def _publish_adapter(args, result: dict, job_paths: List[str], method: str, seed
     """Copy the finished adapter(s) to their documented names in out_dir."""
     ranks = args.eval_ranks if method == "lora-per-rank" else [None]
     for src, k in zip(job_paths, ranks):
-        dst = adapter_path(args.out_dir, method, seed, k)
-        tmp = f"{dst}.tmp{os.getpid()}"
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
+        mlora.atomic_write(adapter_path(args.out_dir, method, seed, k), lambda tmp: shutil.copyfile(src, tmp))
 
 
 def _job_adapter_paths(args, method, seed, lr, base_path) -> List[str]:

@@ -9,15 +9,6 @@ import mlora
 V, BS = 50, 16   # vocabulary and block size of the tiny test model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models gain nothing from threads, and on a busy shared CPU idle OpenMP threads spin (50x slower)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_gpt(seed=0, **overrides):
     torch.manual_seed(seed)
     config = mlora.GPTConfig(**dict(dict(block_size=BS, vocab_size=V, n_layer=2, n_head=2, n_embd=32), **overrides))

@@ -26,15 +26,6 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models gain nothing from threads, and on a busy shared CPU idle OpenMP threads spin (50x slower)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def gpt2_config(**overrides):
     # dropout off so train-mode forwards are deterministic; bos/eos inside the tiny vocabulary
     kw = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=V, n_positions=T, resid_pdrop=0.0,
