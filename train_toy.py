@@ -966,7 +966,7 @@ def format_table(results: dict) -> str:
     several = len(results["seeds"]) > 1
     cell = 15 if several else 8
     head = f"{'method':<15}" + "".join(f"{'r=' + str(k):>{cell}}" for k in ranks)
-    head += f"{'AURAC-log2':>{cell + 2}}{'AURAC-lin':>{cell + 2}}{'train s':>10}{'GFLOPs':>10}"
+    head += f"{'AURAC-log2':>{cell + 4}}{'AURAC-lin':>{cell + 4}}{'train s':>10}{'GFLOPs':>10}"
     lines = [f"next-character accuracy on the test split (mean ± std over seeds {results['seeds']})"
              if several else "next-character accuracy on the test split", head]
     base = results.get("base")
@@ -979,7 +979,7 @@ def format_table(results: dict) -> str:
             row += f"{text:>{cell}}"
         for key in ("aurac_log2", "aurac_linear"):
             text = f"{m[key]:.4f}" + (f"±{m[key + '_std']:.4f}" if several else "")
-            row += f"{text:>{cell + 2}}"
+            row += f"{text:>{cell + 4}}"
         row += f"{m['train_seconds']:>10.1f}{m['train_flops'] / 1e9:>10.1f}"
         lines.append(row)
     return "\n".join(lines)
