@@ -32,9 +32,11 @@ into a project and use it.
 
 import json
 import math
+import numbers
 import os
 import re
-import warnings
+import shutil
+import tempfile
 from dataclasses import dataclass, asdict
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
@@ -63,49 +65,76 @@ def rank_scale(k, scaling: str = "sqrt", alpha: float = 1.0):
     """s(k): the factor a rank-k adapter's output is multiplied by.
 
     'none' -> 1, 'rank' -> alpha / k (LoRA), 'sqrt' -> alpha / sqrt(k) (rsLoRA,
-    the paper's choice). k may be an int or a tensor of ranks.
+    the paper's choice). k may be a positive int or a tensor of positive ranks.
     """
+    _check_scaling(scaling, alpha)
+    if torch.is_tensor(k):
+        if k.numel() and bool((k < 1).any()):
+            raise ValueError(f"ranks must be >= 1, got {k.min().item()} in a tensor of ranks")
+    else:
+        _check_rank(k)
     if scaling == "none":
         return k * 0 + 1.0 if torch.is_tensor(k) else 1.0
     if scaling == "rank":
         return alpha / k
-    if scaling == "sqrt":
-        return alpha / (k.sqrt() if torch.is_tensor(k) else math.sqrt(k))
-    raise ValueError(f"unknown scaling {scaling!r}; expected one of {SCALINGS}")
+    return alpha / (k.sqrt() if torch.is_tensor(k) else math.sqrt(k))
 
 
 def default_train_ranks(rank: int) -> List[int]:
-    """Powers of two up to rank: 32 -> [1, 2, 4, 8, 16, 32]."""
-    return [2 ** i for i in range(int(math.log2(rank)) + 1)]
+    """Powers of two up to rank: 32 -> [1, 2, 4, 8, 16, 32]; 24 -> [1, 2, 4, 8, 16]."""
+    _check_rank(rank)
+    return [2 ** i for i in range(rank.bit_length())]
 
 
 def _check_rank(rank, name="rank") -> int:
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
         raise ValueError(f"{name} must be a positive int, got {rank!r}")
-    return rank
+    return int(rank)
 
 
 def _check_train_ranks(train_ranks, rank: int) -> List[int]:
     if train_ranks is None:
         return default_train_ranks(rank)
+    if isinstance(train_ranks, (str, bytes)) or not isinstance(train_ranks, Iterable):
+        raise ValueError(f"train_ranks must be a list of positive ints, got {train_ranks!r}")
     ranks = list(train_ranks)
     if not ranks:
         raise ValueError("train_ranks is empty; give at least one rank")
     for k in ranks:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise ValueError(f"train rank {k!r} is not a positive int (train_ranks={ranks})")
         if k > rank:
             raise ValueError(f"train rank {k} is above the adapter rank {rank} (train_ranks={ranks})")
     if len(set(ranks)) != len(ranks):
         raise ValueError(f"train_ranks has duplicates: {ranks}")
-    return sorted(ranks)
+    return sorted(int(k) for k in ranks)
 
 
 def _check_scaling(scaling: str, alpha: float):
     if scaling not in SCALINGS:
         raise ValueError(f"unknown scaling {scaling!r}; expected one of {SCALINGS}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha <= 0:
         raise ValueError(f"alpha must be a finite positive number, got {alpha!r}")
+
+
+def _check_weights(weights, n: int, what: str) -> List[float]:
+    """One finite, non-negative weight per rank, not all zero."""
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Iterable):
+        raise ValueError(f"weights must be a list of numbers, got {weights!r}")
+    weights = list(weights)
+    if len(weights) != n:
+        raise ValueError(f"weights {weights} has {len(weights)} entries but {what} has {n}")
+    bad = [w for w in weights if isinstance(w, bool) or not isinstance(w, numbers.Real)
+           or not math.isfinite(w) or w < 0]
+    if bad or not weights or sum(weights) == 0:
+        raise ValueError(f"weights must be finite, non-negative and not all zero, got {weights}")
+    return [float(w) for w in weights]
+
+
+def _check_flag(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 # -----------------------------------------------------------------------------
@@ -123,23 +152,28 @@ class Schedule:
 
     `p` returns a float64 CPU tensor: shape (r,) when the whole batch shares p,
     or (batch_size, r) when each row has its own. `step` counts training
-    forwards; `inject` advances it before each one (see `advance`).
+    forwards: `inject` advances it before each forward of the model that can
+    train the adapters (gradients enabled and the adapters require grad), in
+    train and eval mode alike (see `advance`).
     """
 
     name = "base"
     per_row = False   # does p depend on the batch row?
     dynamic = False   # does p change from step to step?
+    options = ()      # extra keyword options of the subclass
 
     def __init__(self, rank: int, train_ranks=None, scaling: str = "sqrt",
                  alpha: float = 1.0, seed: int = 0):
         self.rank = _check_rank(rank)
         self.train_ranks = _check_train_ranks(train_ranks, self.rank)
         _check_scaling(scaling, alpha)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise ValueError(f"seed must be an int, got {seed!r}")
         self.scaling, self.alpha, self.seed = scaling, float(alpha), int(seed)
         self.step = 0
         self.auto_advance = True  # False: call advance() yourself, e.g. once per optimizer step
         self._cache = {}
-        self._warned = False
+        self._pending = False     # a training forward began: advance before its first use of p
 
     def scale(self, k):
         return rank_scale(k, self.scaling, self.alpha)
@@ -149,14 +183,6 @@ class Schedule:
         self.step += 1
         if self.dynamic:
             self._cache.clear()
-
-    def warn_not_advancing(self):
-        # Hugging Face's from_pretrained returns models in eval mode: training one
-        # so would reuse a single DyLoRA / stratified draw for every step
-        if not self._warned:
-            self._warned = True
-            warnings.warn(f"a forward with gradients ran in eval mode, where the {self.name} schedule "
-                          "does not advance; call model.train() before training", stacklevel=3)
 
     def generator(self) -> torch.Generator:
         # seed and step mixed by a large odd multiplier, so nearby seeds give unrelated streams
@@ -172,6 +198,9 @@ class Schedule:
 
     def device_p(self, batch_size: int, device, dtype) -> torch.Tensor:
         """p trimmed to its last non-zero column, on device; cached for the step."""
+        if self._pending:   # advanced here, not in the model's pre-hook, so a forward that fails
+            self._pending = False   # before any adapter ran (bad input) leaves the step as it was
+            self.advance()
         key = (batch_size if self.per_row else None, device, dtype)
         if key not in self._cache:
             p = self.p(batch_size)
@@ -184,7 +213,15 @@ class Schedule:
         return {"step": self.step, "seed": self.seed}
 
     def load_state_dict(self, state: dict):
-        self.step, self.seed = int(state["step"]), int(state["seed"])
+        if not isinstance(state, dict) or set(state) != {"step", "seed"}:
+            raise ValueError(f"schedule state must be a dict with keys 'step' and 'seed', got {state!r}")
+        step, seed = state["step"], state["seed"]
+        for name, value in (("step", step), ("seed", seed)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"schedule state {name} must be an int, got {value!r}")
+        if step < 0:
+            raise ValueError(f"schedule state step must be >= 0, got {step}")
+        self.step, self.seed = int(step), int(seed)
         self._cache.clear()
 
     def config(self) -> dict:
@@ -212,19 +249,19 @@ class MatryoshkaSchedule(Schedule):
     expectation of the DyLoRA p.
     """
     name = "matryoshka"
+    options = ("weights", "normalize")
 
     def __init__(self, rank, train_ranks=None, scaling="sqrt", alpha=1.0, seed=0,
                  weights=None, normalize=False):
         super().__init__(rank, train_ranks, scaling, alpha, seed)
+        self.normalize = _check_flag(normalize, "normalize")
         if weights is None:
-            weights = [1.0] * len(self.train_ranks)
-        weights = [float(w) for w in weights]
-        if len(weights) != len(self.train_ranks):
-            raise ValueError(f"weights {weights} has {len(weights)} entries but train_ranks has "
-                             f"{len(self.train_ranks)}: {self.train_ranks}")
-        if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) == 0:
-            raise ValueError(f"weights must be finite, non-negative and not all zero, got {weights}")
-        self.weights, self.normalize = weights, bool(normalize)
+            self.weights = [1.0] * len(self.train_ranks)
+            return
+        # weights pair with train_ranks as given; train_ranks are kept sorted, so sort the pairs
+        given = self.train_ranks if train_ranks is None else list(train_ranks)
+        weights = _check_weights(weights, len(given), f"train_ranks {given}")
+        self.weights = [w for _, w in sorted(zip(given, weights))]
 
     def p(self, batch_size=None):
         p = torch.zeros(self.rank, dtype=torch.float64)
@@ -251,13 +288,14 @@ class DyLoRASchedule(Schedule):
     """
     name = "dylora"
     dynamic = True
+    options = ("sample", "frozen")
 
     def __init__(self, rank, train_ranks=None, scaling="sqrt", alpha=1.0, seed=0,
                  sample="train_ranks", frozen=False):
         super().__init__(rank, train_ranks, scaling, alpha, seed)
         if sample not in ("train_ranks", "all"):
             raise ValueError(f"unknown DyLoRA sample {sample!r}; expected 'train_ranks' or 'all'")
-        self.sample, self.frozen = sample, bool(frozen)
+        self.sample, self.frozen = sample, _check_flag(frozen, "frozen")
 
     @property
     def choices(self) -> List[int]:
@@ -306,6 +344,7 @@ class StratifiedSchedule(Schedule):
     def p(self, batch_size=None):
         if batch_size is None:
             raise ValueError("the stratified schedule needs the batch size")
+        _check_rank(batch_size, "batch_size")
         k = self.row_ranks(batch_size).to(torch.float64)[:, None]  # (batch, 1)
         mask = torch.arange(1, self.rank + 1, dtype=torch.float64) <= k   # (batch, r)
         return mask * self.scale(k)
@@ -320,7 +359,12 @@ def make_schedule(method: str, rank: int, train_ranks=None, scaling="sqrt", alph
     """Build a schedule by name; options go to its class (weights, normalize, sample, frozen)."""
     if method not in SCHEDULES:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    return SCHEDULES[method](rank, train_ranks, scaling, alpha, seed, **options)
+    cls = SCHEDULES[method]
+    unknown = sorted(set(options) - set(cls.options))
+    if unknown:
+        raise ValueError(f"option {unknown[0]!r} does not apply to method {method!r}; "
+                         f"its options are {list(cls.options)}")
+    return cls(rank, train_ranks, scaling, alpha, seed, **options)
 
 
 # -----------------------------------------------------------------------------
@@ -363,10 +407,16 @@ class MatryoshkaLinear(nn.Module):
         self.rank = _check_rank(rank)
         if schedule is None:
             schedule = MatryoshkaSchedule(rank)
+        if not isinstance(schedule, Schedule):
+            raise ValueError(f"schedule must be an mlora Schedule, got {type(schedule).__name__}")
         if schedule.rank != self.rank:
             raise ValueError(f"schedule rank {schedule.rank} differs from layer rank {self.rank}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise ValueError(f"adapter dtype must be a floating-point torch.dtype, got {dtype!r}")
+        if dtype is None and not base.weight.is_floating_point():
+            raise ValueError(f"base weight has dtype {base.weight.dtype}; pass a floating-point adapter dtype")
         self.base_layer = base
         self.base_layer.requires_grad_(False)
         self.schedule = schedule
@@ -379,18 +429,20 @@ class MatryoshkaLinear(nn.Module):
         self.active_rank = None   # None, an int, or a (batch,) tensor of ranks
         self._row_p = None        # (batch, kmax) scales for per-row ranks
         self.merged_rank = None   # the rank folded into base weight, or None
-        self._unmerged_weight = None
+        self._original_weight = None   # what unmerge restores: a copy, or the tied Parameter
+        self._merged_versions = None   # (A, B) in-place versions at merge time
 
     # --- rank selection -----------------------------------------------------
 
-    def set_rank(self, rank):
-        """None (training schedule), an int in 1..r, or a (batch,) tensor of ranks."""
+    def check_rank(self, rank):
+        """Check a set_rank argument without changing anything -> (active_rank, row scales)."""
         if self.merged_rank is not None:
             raise ValueError(f"layer is merged at rank {self.merged_rank}; unmerge before set_rank")
         if rank is None:
-            self.active_rank, self._row_p = None, None
-        elif torch.is_tensor(rank):
-            if rank.dim() != 1 or rank.numel() == 0 or rank.is_floating_point() or rank.is_complex():
+            return None, None
+        if torch.is_tensor(rank):
+            if (rank.dim() != 1 or rank.numel() == 0 or rank.is_floating_point() or rank.is_complex()
+                    or rank.dtype == torch.bool):
                 raise ValueError(f"per-row ranks must be a non-empty 1-D integer tensor, got "
                                  f"shape {tuple(rank.shape)} dtype {rank.dtype}")
             lo, hi = int(rank.min()), int(rank.max())
@@ -399,25 +451,38 @@ class MatryoshkaLinear(nn.Module):
             # scales in float64 on the CPU, then cast: float32 here would cost float64 adapters 1e-8
             k = rank.detach().to("cpu", torch.float64)[:, None]       # (batch, 1)
             cols = torch.arange(1, hi + 1, dtype=torch.float64)        # (kmax,)
-            self.active_rank = rank.clone()
-            self._row_p = ((cols <= k) * self.schedule.scale(k)).to(self.lora_A.device, self.lora_A.dtype)  # (batch, kmax)
-        else:
-            _check_rank(rank)
-            if rank > self.rank:
-                raise ValueError(f"rank {rank} is above the adapter rank {self.rank}")
-            self.active_rank, self._row_p = rank, None
+            row_p = ((cols <= k) * self.schedule.scale(k)).to(self.lora_A.device, self.lora_A.dtype)  # (batch, kmax)
+            return rank.clone(), row_p
+        rank = _check_rank(rank)
+        if rank > self.rank:
+            raise ValueError(f"rank {rank} is above the adapter rank {self.rank}")
+        return rank, None
+
+    def set_rank(self, rank):
+        """None (training schedule), an int in 1..r, or a (batch,) tensor of ranks."""
+        self.active_rank, self._row_p = self.check_rank(rank)
 
     # --- forward ------------------------------------------------------------
 
+    def trains(self) -> bool:
+        """Can a forward now train this adapter? (gradients on, and A or B requires grad)"""
+        return torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad)
+
+    def refuse_if_merged(self):
+        if self.merged_rank is not None:   # the adapter lives in the base weight: it would learn nothing
+            raise RuntimeError(f"forward with gradients through an adapter merged at rank "
+                               f"{self.merged_rank}: it would get no gradient. Call mlora.unmerge(model) "
+                               f"to train, or run inference under torch.no_grad()")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)                                   # (..., out)
         if self.merged_rank is not None:
-            return y
+            if self.trains():
+                self.refuse_if_merged()
+            return self.base_layer(x)
+        y = self.base_layer(x)                                   # (..., out)
         A, B = self.lora_A, self.lora_B
         rank = self.active_rank
         if rank is None:                                         # training: diag(p) from the schedule
-            if not self.training and self.schedule.dynamic and torch.is_grad_enabled():
-                self.schedule.warn_not_advancing()
             p = self.schedule.device_p(x.shape[0], A.device, A.dtype)   # (k,) or (batch, k)
             k, frozen = p.shape[-1], self.schedule.frozen_below
             if k < self.rank:   # a full-width slice only adds autograd nodes that zero-fill and copy the grads
@@ -448,30 +513,69 @@ class MatryoshkaLinear(nn.Module):
         delta = (self.lora_B[:, :k].to(acc) @ self.lora_A[:k].to(acc)) * self.schedule.scale(k)  # (out, in)
         return delta.T if self.fan_in_fan_out else delta
 
+    def _merged_delta(self, k: int) -> torch.Tensor:
+        """A fresh s(k) B A in the accumulation dtype (float32 for bf16/fp16 bases), on the weight's device."""
+        w = self.base_layer.weight
+        delta = self.delta_weight(k).to(w.device)
+        return delta.to(torch.promote_types(w.dtype, delta.dtype))
+
     @torch.no_grad()
-    def merge(self, k: int):
-        """Fold the rank-k adapter into the base weight (idempotent)."""
-        _check_rank(k)
+    def merge(self, k: int, keep_original: bool = False, tied: bool = False):
+        """Fold the rank-k adapter into the base weight (idempotent at the same k).
+
+        keep_original=False (the default, for deployment) adds s(k) B A in place:
+        no memory beyond one temporary delta, and unmerge subtracts it again, which
+        restores the weight to within one rounding of its dtype. keep_original=True
+        keeps a copy of the weight (one more weight of memory while merged) so
+        unmerge restores it bit for bit. tied=True is for a weight shared with
+        another module (an output layer tied to the embedding): the merged weight
+        becomes a new tensor, the shared one is never written, and unmerge puts it
+        back. mlora.merge(model, k) detects tied weights by itself.
+        """
+        k = _check_rank(k, "merge rank")
         if k > self.rank:
             raise ValueError(f"merge rank {k} is above the adapter rank {self.rank}")
+        _check_flag(keep_original, "keep_original")
+        _check_flag(tied, "tied")
         if self.merged_rank == k:
             return
         self.unmerge()
         w = self.base_layer.weight
-        # keep the original so unmerge is exact: subtracting in low precision would not be
-        self._unmerged_weight = w.detach().clone()
-        delta = self.delta_weight(k).to(w.device)
-        acc = torch.promote_types(w.dtype, delta.dtype)              # float32 for bf16/fp16 bases
-        w.copy_((w.to(acc) + delta.to(acc)).to(w.dtype))
+        merged = self._merged_delta(k).add_(w)                       # w + s(k) B A, (like w)
+        if tied:
+            self._original_weight = w
+            self.base_layer.weight = nn.Parameter(merged.to(w.dtype), requires_grad=w.requires_grad)
+        else:
+            self._original_weight = w.detach().clone() if keep_original else None
+            w.copy_(merged)
+        self._merged_versions = (self.lora_A._version, self.lora_B._version)
         self.merged_rank = k
+
+    def check_unmerge(self):
+        """Raise if unmerge could not restore the weight: subtracting the delta needs the
+        adapter exactly as it was merged."""
+        if (self.merged_rank is not None and self._original_weight is None
+                and self._merged_versions != (self.lora_A._version, self.lora_B._version)):
+            raise RuntimeError(f"the adapter was changed in place while merged at rank {self.merged_rank}; "
+                               "unmerge cannot subtract a delta it no longer knows (merge with "
+                               "keep_original=True to restore exactly)")
 
     @torch.no_grad()
     def unmerge(self):
-        """Restore the base weight bit for bit (idempotent)."""
+        """Take the merged adapter out of the base weight (idempotent): bit for bit when
+        merged with keep_original=True or on a tied weight, else to within one rounding
+        of the merged weight's dtype (a few ulps of max(|W|, |W + delta|) per element)."""
         if self.merged_rank is None:
             return
-        self.base_layer.weight.copy_(self._unmerged_weight)
-        self._unmerged_weight, self.merged_rank = None, None
+        self.check_unmerge()
+        w, original = self.base_layer.weight, self._original_weight
+        if isinstance(original, nn.Parameter):      # a tied weight: put the shared Parameter back
+            self.base_layer.weight = original
+        elif original is not None:
+            w.copy_(original)
+        else:
+            w.copy_(self._merged_delta(self.merged_rank).neg_().add_(w))   # w - s(k) B A
+        self._original_weight, self._merged_versions, self.merged_rank = None, None, None
 
     def extra_repr(self):
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
@@ -510,18 +614,23 @@ def get_schedule(model: nn.Module) -> Schedule:
 
 
 class _AdvanceHook:
-    """Forward pre-hook on the model: one schedule step per training forward.
+    """Forward pre-hook on the model: one schedule step per forward that can train
+    the adapters (MatryoshkaLinear.trains: gradients on, adapters require grad).
 
-    A class rather than a closure so that models stay picklable and deepcopy
-    keeps the copy's hook pointed at the copy's schedule.
+    Train or eval mode does not matter: Hugging Face's from_pretrained returns
+    models in eval mode, and training one so must still draw a new DyLoRA /
+    stratified rank every step. A class rather than a closure so that models stay
+    picklable and deepcopy keeps the copy's hook pointed at the copy's adapters.
     """
 
-    def __init__(self, schedule: Schedule):
-        self.schedule = schedule
+    def __init__(self, schedule: Schedule, layers: List["MatryoshkaLinear"]):
+        self.schedule, self.layers = schedule, layers
 
     def __call__(self, module, args):
-        if module.training and self.schedule.auto_advance:
-            self.schedule.advance()
+        training = [layer for layer in self.layers if layer.trains()]
+        for layer in training:   # refuse before anything changes
+            layer.refuse_if_merged()
+        self.schedule._pending = bool(training) and self.schedule.auto_advance
 
 
 def inject(model: nn.Module, targets: Union[str, Sequence[str]], rank: int,
@@ -541,12 +650,16 @@ def inject(model: nn.Module, targets: Union[str, Sequence[str]], rank: int,
     model as it was. The schedule advances before each training forward of
     model (see DyLoRASchedule for drawing once per optimizer step).
     """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     schedule = make_schedule(method, rank, train_ranks, scaling, alpha, seed, **schedule_options)
     if adapter_layers(model):
         raise ValueError("model already has Matryoshka adapters; call mlora.remove first")
     targets = [targets] if isinstance(targets, str) else list(targets)
     if not targets:
         raise ValueError("targets is empty")
+    if not all(isinstance(t, str) and t for t in targets):
+        raise ValueError(f"targets must be non-empty module names or regexes, got {targets!r}")
     linear_names = [n for n, m in model.named_modules() if n and _linear_shape(m) is not None]
     names = [n for n in linear_names if any(_target_matches(n, t) for t in targets)]
     if not names:
@@ -562,17 +675,20 @@ def inject(model: nn.Module, targets: Union[str, Sequence[str]], rank: int,
         raise
     # all adapters are built: now change the model
     for n, layer in new.items():
+        layer.train(modules[n].training)   # the mode of the layer it replaces (eval after from_pretrained)
         parent_name, _, child = n.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child, layer)
     for pname, param in model.named_parameters():
         param.requires_grad_(pname.rpartition(".")[2] in ("lora_A", "lora_B"))
-    schedule._hook = model.register_forward_pre_hook(_AdvanceHook(schedule))
+    schedule._hook = model.register_forward_pre_hook(_AdvanceHook(schedule, list(new.values())))
     return names
 
 
 def remove(model: nn.Module) -> List[str]:
     """Put the original layers back (unmerged) and drop the adapters. Returns their names."""
     layers = _require_adapters(model)
+    for layer in layers.values():   # check every layer before changing any
+        layer.check_unmerge()
     modules = dict(model.named_modules())
     for n, layer in layers.items():
         layer.unmerge()
@@ -593,17 +709,37 @@ def set_rank(model: nn.Module, rank):
     """
     layers = _require_adapters(model)
     if isinstance(rank, dict):
-        unknown = sorted(set(rank) - set(layers))
+        unknown = sorted((n for n in rank if n not in layers), key=str)
         if unknown:
             raise KeyError(f"no adapter named {unknown[0]!r}; adapters are {sorted(layers)[:6]}...")
-        for n, k in rank.items():
-            layers[n].set_rank(k)
-        return
-    for layer in layers.values():   # check every layer before changing any
-        if layer.merged_rank is not None:
-            raise ValueError(f"model is merged at rank {layer.merged_rank}; unmerge before set_rank")
-    for layer in layers.values():
-        layer.set_rank(rank)
+        plan = rank
+    else:
+        plan = {n: rank for n in layers}
+    checked = {}
+    for n, k in plan.items():   # check every entry before changing any layer
+        try:
+            checked[n] = layers[n].check_rank(k)
+        except ValueError as e:
+            raise ValueError(f"{n}: {e}") from None
+    for n, (active, row_p) in checked.items():
+        layers[n].active_rank, layers[n]._row_p = active, row_p
+
+
+def _check_eval_ranks(ranks, layers) -> List[int]:
+    """A non-empty list of distinct ranks, each within every adapter's rank."""
+    if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Iterable):
+        raise ValueError(f"ranks must be a list of positive ints, got {ranks!r}")
+    ranks = list(ranks)
+    if not ranks:
+        raise ValueError("ranks is empty; give at least one rank")
+    top = min(layer.rank for layer in layers.values())
+    for k in ranks:
+        _check_rank(k, f"rank in {ranks}")
+        if k > top:
+            raise ValueError(f"rank {k} is above the adapter rank {top}")
+    if len(set(ranks)) != len(ranks):
+        raise ValueError(f"ranks has duplicates: {ranks}")
+    return [int(k) for k in ranks]
 
 
 def _saved_ranks(layers):
@@ -624,10 +760,10 @@ def nested_loss(model: nn.Module, compute_loss: Callable[[], torch.Tensor],
     to the schedule's train ranks. The ranks set before the call are restored.
     """
     layers = _require_adapters(model)
-    ranks = get_schedule(model).train_ranks if ranks is None else list(ranks)
-    weights = [1.0] * len(ranks) if weights is None else list(weights)
-    if not ranks or len(weights) != len(ranks):
-        raise ValueError(f"need one weight per rank, got ranks={ranks} weights={weights}")
+    if not callable(compute_loss):
+        raise ValueError(f"compute_loss must be a callable returning the loss, got {compute_loss!r}")
+    ranks = get_schedule(model).train_ranks if ranks is None else _check_eval_ranks(ranks, layers)
+    weights = [1.0] * len(ranks) if weights is None else _check_weights(weights, len(ranks), f"ranks {ranks}")
     saved = _saved_ranks(layers)
     try:
         total = 0.0
@@ -639,14 +775,24 @@ def nested_loss(model: nn.Module, compute_loss: Callable[[], torch.Tensor],
     return total
 
 
-def merge(model: nn.Module, rank):
+def merge(model: nn.Module, rank, keep_original: bool = False):
     """Fold the rank-k adapters into the base weights (accumulated in float32).
 
     rank: an int, or a dict {layer name: int} of per-layer ranks (layers not
     named are left unmerged). Explicit and idempotent: merging twice is merging
-    once, and train()/eval() never merge or unmerge anything.
+    once, and train()/eval() never merge or unmerge anything. While merged, a
+    forward with gradients through an adapter raises (it could not learn).
+
+    keep_original=False (default) merges in place with no extra memory; unmerge
+    then restores each weight to within a rounding of its dtype (a few ulps of
+    max(|W|, |W + delta|) per element: exact in practice for float32, visible in
+    bf16 when the delta is large against W). True keeps a
+    copy of every adapted weight (double their memory while merged) for a
+    bit-exact unmerge. A base weight tied to another module (GPT's lm_head and
+    wte) is never written: its layer gets a new merged tensor instead.
     """
     layers = _require_adapters(model)
+    _check_flag(keep_original, "keep_original")
     plan = rank if isinstance(rank, dict) else {n: rank for n in layers}
     for n, k in plan.items():   # check the whole plan first
         if n not in layers:
@@ -654,13 +800,24 @@ def merge(model: nn.Module, rank):
         _check_rank(k, f"merge rank for {n}")
         if k > layers[n].rank:
             raise ValueError(f"merge rank {k} is above the adapter rank {layers[n].rank} of {n}")
+    changing = [n for n, k in plan.items() if layers[n].merged_rank not in (None, k)]
+    for n in changing:
+        layers[n].check_unmerge()
+    for n in changing:   # unmerged first, so tied weights are seen as they really are
+        layers[n].unmerge()
+    uses = {}   # Parameter id -> how many modules hold it
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
     for n, k in plan.items():
-        layers[n].merge(k)
+        layers[n].merge(k, keep_original, tied=uses.get(id(layers[n].base_layer.weight), 0) > 1)
 
 
 def unmerge(model: nn.Module):
-    """Restore every base weight exactly as it was before merge."""
-    for layer in _require_adapters(model).values():
+    """Take every merged adapter out of its base weight (see merge for exactness)."""
+    layers = _require_adapters(model)
+    for layer in layers.values():   # check every layer before changing any
+        layer.check_unmerge()
+    for layer in layers.values():
         layer.unmerge()
 
 
@@ -672,7 +829,7 @@ def adapter_state_dict(model: nn.Module, rank: Optional[int] = None) -> Dict[str
     """
     state = {}
     for n, layer in _require_adapters(model).items():
-        k = layer.rank if rank is None else _check_rank(rank)
+        k = layer.rank if rank is None else _check_rank(rank, "adapter_state_dict rank")
         if k > layer.rank:
             raise ValueError(f"rank {k} is above the adapter rank {layer.rank} of {n}")
         state[f"{n}.lora_A"] = layer.lora_A.detach()[:k].clone()     # (k, in)
@@ -682,8 +839,14 @@ def adapter_state_dict(model: nn.Module, rank: Optional[int] = None) -> Dict[str
 
 @torch.no_grad()
 def load_adapter_state_dict(model: nn.Module, state: Dict[str, torch.Tensor]):
-    """Load adapter tensors; every key and shape is checked before anything is copied."""
+    """Load adapter tensors; every key, value and shape is checked before anything is copied."""
     layers = _require_adapters(model)
+    if not isinstance(state, dict):
+        raise ValueError(f"adapter state must be a dict of tensors, got {type(state).__name__}")
+    merged = [n for n, layer in layers.items() if layer.merged_rank is not None]
+    if merged:   # the merged weight would keep the old adapter
+        raise ValueError(f"{merged[0]} is merged at rank {layers[merged[0]].merged_rank}; "
+                         "unmerge before loading adapter weights")
     expected = {}
     for n, layer in layers.items():
         expected[f"{n}.lora_A"] = layer.lora_A
@@ -693,9 +856,14 @@ def load_adapter_state_dict(model: nn.Module, state: Dict[str, torch.Tensor]):
     if missing or unexpected:
         raise KeyError(f"adapter state does not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
     for key, param in expected.items():
-        if tuple(state[key].shape) != tuple(param.shape):
-            raise ValueError(f"{key}: state has shape {tuple(state[key].shape)}, "
-                             f"model has {tuple(param.shape)}")
+        value = state[key]
+        if not torch.is_tensor(value) or not value.is_floating_point():
+            raise ValueError(f"{key}: expected a floating-point tensor, got "
+                             f"{value.dtype if torch.is_tensor(value) else type(value).__name__}")
+        if tuple(value.shape) != tuple(param.shape):
+            raise ValueError(f"{key}: state has shape {tuple(value.shape)}, model has {tuple(param.shape)}")
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{key}: state holds non-finite values (NaN or inf)")
     for key, param in expected.items():
         param.copy_(state[key])
 
@@ -718,16 +886,43 @@ def save_adapter(model: nn.Module, path: str, rank: Optional[int] = None):
     Written to a temporary file and renamed, so a crash never leaves half a file.
     """
     schedule = get_schedule(model)
-    config = dict(schedule.config(), rank=rank or schedule.rank)
-    payload = {"config": config, "state": adapter_state_dict(model, rank)}
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    _check_out_path(path)
+    state = adapter_state_dict(model, rank)
+    config = schedule.config()
+    if rank is not None:   # a rank-k file re-injects at rank k: keep the train ranks (and weights) up to k
+        keep = [i for i, k in enumerate(schedule.train_ranks) if k <= rank] or None
+        config["rank"] = int(rank)
+        config["train_ranks"] = [schedule.train_ranks[i] for i in keep] if keep else [rank]
+        if "weights" in config:
+            config["weights"] = [schedule.weights[i] for i in keep] if keep else [1.0]
+    atomic_write(path, lambda tmp: torch.save({"config": config, "state": state}, tmp))
+
+
+def _check_out_path(path):
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"path must be a str or os.PathLike, got {path!r}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"cannot write {str(path)!r}: no directory {folder!r}")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"cannot write {str(path)!r}: it is a directory")
 
 
 def load_adapter(model: nn.Module, path: str) -> dict:
     """Load a file written by save_adapter into an injected model; returns its config."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"path must be a str or os.PathLike, got {path!r}")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no adapter file at {path!r}")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+        raise FileNotFoundError(f"no adapter file at {str(path)!r}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # truncated, corrupted, or not a torch file
+        raise ValueError(f"{str(path)!r} is not a readable adapter file (truncated or corrupted?): {e}") from None
+    if not isinstance(payload, dict) or set(payload) != {"config", "state"}:
+        if isinstance(payload, dict) and payload and all(torch.is_tensor(v) for v in payload.values()):
+            raise ValueError(f"{str(path)!r} holds a bare state dict, not a save_adapter file; load it with "
+                             f"mlora.load_adapter_state_dict(model, torch.load(path))")
+        raise ValueError(f"{str(path)!r} is not a save_adapter file (expected keys 'config' and 'state')")
     load_adapter_state_dict(model, payload["state"])
     return payload["config"]
 
@@ -745,7 +940,16 @@ def aurac(ranks: Sequence[float], accs: Sequence[float], scale: str = "log2") ->
     """
     if scale not in ("log2", "linear"):
         raise ValueError(f"unknown AURAC scale {scale!r}; expected 'log2' or 'linear'")
-    ranks, accs = [float(r) for r in ranks], [float(a) for a in accs]
+    def numbers_of(values, what):
+        if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+            raise ValueError(f"{what} must be a list of numbers, got {values!r}")
+        values = [v.item() if torch.is_tensor(v) and v.numel() == 1 else v for v in values]
+        bad = [v for v in values if isinstance(v, bool) or not isinstance(v, numbers.Real)]
+        if bad:
+            raise ValueError(f"{what} must be numbers, got {bad[0]!r} in {values}")
+        return [float(v) for v in values]
+
+    ranks, accs = numbers_of(ranks, "ranks"), numbers_of(accs, "accuracies")
     if len(ranks) != len(accs) or not ranks:
         raise ValueError(f"need one accuracy per rank, got {len(ranks)} ranks and {len(accs)} accuracies")
     if any(r <= 0 or not math.isfinite(r) for r in ranks) or len(set(ranks)) != len(ranks):
@@ -764,6 +968,9 @@ def aurac(ranks: Sequence[float], accs: Sequence[float], scale: str = "log2") ->
 def evaluate_ranks(model: nn.Module, ranks: Sequence[int], evaluate: Callable[[nn.Module], float]) -> List:
     """[evaluate(model) at rank k for k in ranks]; the ranks set before are restored."""
     layers = _require_adapters(model)
+    ranks = _check_eval_ranks(ranks, layers)
+    if not callable(evaluate):
+        raise ValueError(f"evaluate must be a callable taking the model, got {evaluate!r}")
     saved = _saved_ranks(layers)
     try:
         results = []
@@ -799,8 +1006,10 @@ class GPTConfig:
             _check_rank(getattr(self, field), field)
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if (isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real)
+                or not 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        _check_flag(self.bias, "bias")
 
 
 # Small settings for the character-level toy; 'gpt2' is the 124M model.
@@ -895,9 +1104,18 @@ class GPT(nn.Module):
 
         Targets equal to -1 are ignored by the loss.
         """
+        if not torch.is_tensor(idx) or idx.dim() != 2 or idx.is_floating_point() or idx.dtype == torch.bool:
+            raise ValueError(f"idx must be a (batch, time) tensor of token ids, got "
+                             f"{tuple(idx.shape) if torch.is_tensor(idx) else type(idx).__name__}"
+                             f"{' ' + str(idx.dtype) if torch.is_tensor(idx) else ''}")
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        if not torch.compiler.is_compiling() and idx.numel():   # a bad id would be a device assert on CUDA
+            lo, hi = idx.aminmax()
+            if lo < 0 or hi >= self.config.vocab_size:
+                bad = int(lo) if lo < 0 else int(hi)
+                raise ValueError(f"token id {bad} is outside the vocabulary 0..{self.config.vocab_size - 1}")
         pos = torch.arange(T, device=idx.device)                          # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
@@ -912,6 +1130,13 @@ class GPT(nn.Module):
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Extend idx (B, T) by max_new_tokens; temperature 0 is greedy decoding."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
+                or not math.isfinite(temperature) or temperature < 0):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
+        if top_k is not None:
+            _check_rank(top_k, "top_k")
         for _ in range(max_new_tokens):
             context = idx[:, -self.config.block_size:]
             logits = self(context)[0][:, -1, :].float()                   # (B, vocab)
@@ -1028,6 +1253,8 @@ class CharTokenizer:
     """One id per character, in sorted order of the characters given."""
 
     def __init__(self, chars: str):
+        if not isinstance(chars, str):
+            raise ValueError(f"chars must be a str, got {type(chars).__name__}")
         self.chars = "".join(sorted(set(chars)))
         if not self.chars:
             raise ValueError("CharTokenizer needs at least one character")
@@ -1042,13 +1269,19 @@ class CharTokenizer:
         return len(self.chars)
 
     def encode(self, text: str) -> List[int]:
+        if not isinstance(text, str):
+            raise ValueError(f"text must be a str, got {type(text).__name__}")
         try:
             return [self.stoi[c] for c in text]
         except KeyError as e:
             raise ValueError(f"character {e.args[0]!r} is not in the tokenizer's vocabulary") from None
 
     def decode(self, ids: Iterable[int]) -> str:
-        return "".join(self.chars[int(i)] for i in ids)
+        ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
+        for i in ids:
+            if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < len(self.chars):
+                raise ValueError(f"token id {i!r} is outside the vocabulary 0..{len(self.chars) - 1}")
+        return "".join(self.chars[i] for i in ids)
 
 
 class HFTokenizer:
@@ -1119,7 +1352,7 @@ def load_tokenizer(path: str) -> HFTokenizer:
 # parameters. Mixed ranks in one batch need nothing new: set_rank(model, ranks)
 # with a (batch,) tensor runs each sequence at its own rank.
 
-__all__ += ["adapter_param_count", "export_peft", "allocate_ranks"]
+__all__ += ["adapter_param_count", "export_peft", "replace_dir", "allocate_ranks"]
 
 
 def _layer_ranks(layers: Dict[str, MatryoshkaLinear], rank) -> Dict[str, int]:
@@ -1165,6 +1398,10 @@ def export_peft(model: nn.Module, rank, out_dir: str,
     layers = _require_adapters(model)
     plan = _layer_ranks(layers, rank)
     schedule = get_schedule(model)
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise ValueError(f"out_dir must be a str or os.PathLike, got {out_dir!r}")
+    if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
+        raise ValueError(f"base_model_name_or_path must be a str or None, got {base_model_name_or_path!r}")
 
     # PEFT stores A as lora_A.weight (k, in) and B as lora_B.weight (out, k) whatever
     # the base layer's layout; fan_in_fan_out only tells it how the base weight lies.
@@ -1223,14 +1460,70 @@ def export_peft(model: nn.Module, rank, out_dir: str,
     }
 
     from safetensors.torch import save_file   # only needed here
-    os.makedirs(out_dir, exist_ok=True)
-    # each file goes to a temporary name and is renamed into place, the config last,
-    # so a crash never leaves a config that points at half an adapter
-    files = [("adapter_model.safetensors", lambda f: save_file(tensors, f, metadata={"format": "pt"})),
-             ("adapter_config.json", lambda f: _write_json(config, f))]
-    for filename, write in files:
-        atomic_write(os.path.join(out_dir, filename), write)
+
+    def write(folder):
+        save_file(tensors, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
+        _write_json(config, os.path.join(folder, "adapter_config.json"))
+
+    # PEFT reads the two files as a pair: the new pair replaces the old one as a whole
+    replace_dir(out_dir, write)
     return config
+
+
+def replace_dir(out_dir: str, write: Callable[[str], None]):
+    """write(tmp_dir) fills a fresh folder beside out_dir, which then replaces out_dir
+    as a whole: readers see the old files or the new ones, never a mix, and a failed
+    write leaves out_dir as it was. Other files already in out_dir are kept (hard
+    links where possible). The swap is one atomic step on Linux (renameat2); elsewhere
+    two renames, where a crash between them leaves the old folder at out_dir + '.old*'."""
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise NotADirectoryError(f"cannot write into {out_dir!r}: it is a file")
+    parent, name = os.path.split(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp", dir=parent)
+    try:
+        write(tmp)
+        if not os.path.isdir(out_dir):
+            os.rename(tmp, out_dir)
+            return
+        for entry in os.listdir(out_dir):   # keep what else the folder holds (a README, a tokenizer)
+            src, dst = os.path.join(out_dir, entry), os.path.join(tmp, entry)
+            if os.path.lexists(dst):
+                continue
+            if os.path.isdir(src) and not os.path.islink(src):
+                shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(src, dst)
+        if not _exchange_paths(tmp, out_dir):
+            old = tempfile.mkdtemp(prefix=f".{name}.old", dir=parent)
+            os.rename(out_dir, os.path.join(old, name))
+            os.rename(tmp, out_dir)
+            tmp = old
+    finally:
+        if os.path.lexists(tmp):   # the failed write, or the old folder after the swap
+            shutil.rmtree(tmp)
+
+
+def _link_or_copy(src, dst):
+    try:
+        if os.path.islink(src):
+            os.symlink(os.readlink(src), dst)
+        else:
+            os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _exchange_paths(a: str, b: str) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unavailable."""
+    try:
+        import ctypes
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def _write_json(obj, path):
@@ -1267,7 +1560,11 @@ def allocate_ranks(model: nn.Module, calib_loss_fn: Callable[[nn.Module], float]
     from the data you report on. The model's ranks and train/eval mode are restored.
     """
     layers = _require_adapters(model)
-    candidates = get_schedule(model).train_ranks if ranks is None else sorted(set(ranks))
+    if not callable(calib_loss_fn):
+        raise ValueError(f"calib_loss_fn must be a callable taking the model, got {calib_loss_fn!r}")
+    if ranks is not None and (isinstance(ranks, (str, bytes)) or not isinstance(ranks, Iterable)):
+        raise ValueError(f"ranks must be a list of positive ints, got {ranks!r}")
+    candidates = get_schedule(model).train_ranks if ranks is None else sorted(set(ranks), key=str)
     if not candidates:
         raise ValueError("ranks is empty; give at least one candidate rank")
     max_rank = min(layer.rank for layer in layers.values())
@@ -1275,10 +1572,11 @@ def allocate_ranks(model: nn.Module, calib_loss_fn: Callable[[nn.Module], float]
         _check_rank(k, "candidate rank")
         if k > max_rank:
             raise ValueError(f"candidate rank {k} is above the adapter rank {max_rank}")
+    candidates = sorted(int(k) for k in candidates)
     size = {n: layer.in_features + layer.out_features for n, layer in layers.items()}  # params per rank
     full = candidates[-1] * sum(size.values())
     if isinstance(budget, float):
-        if not 0 < budget <= 1:
+        if not 0 < budget <= 1:   # NaN fails this too
             raise ValueError(f"a fractional budget must be in (0, 1], got {budget!r}")
         budget = int(budget * full)
     elif isinstance(budget, bool) or not isinstance(budget, int):
@@ -1331,3 +1629,379 @@ def allocate_ranks(model: nn.Module, calib_loss_fn: Callable[[nn.Module], float]
         _restore_ranks(layers, saved)
         model.train(was_training)
     return plan
+
+
+# -----------------------------------------------------------------------------
+# 8. post-hoc SVD hierarchy and PEFT import
+#
+# Any trained adapter, nested or not, can be turned into a hierarchy after the
+# fact: by Eckart-Young the truncated SVD of its update s(r) B A is the best
+# rank-k approximation for every k at once. svd_reorder rewrites the factors in
+# that order (in the weight's norm, or in the output error on calibration inputs),
+# and import_peft brings in a LoRA trained with PEFT, so that set_rank,
+# allocate_ranks and export_peft can serve it at any rank.
+
+__all__ += ["svd_reorder", "import_peft"]
+
+
+def _calibration_stats(model: nn.Module, layers: Dict[str, MatryoshkaLinear],
+                       calibrate: Callable[[], object]) -> Dict[str, torch.Tensor]:
+    """{name: X^T X} in float64, X the inputs each adapter saw during calibrate().
+
+    The model runs in eval mode, under no_grad, every adapter at its full rank:
+    the full-rank function is the one svd_reorder keeps, so its inputs are the
+    ones to weigh. Modes, ranks and the schedule's state are restored after.
+    """
+    stats, rows = {}, {n: 0 for n in layers}
+
+    def make_hook(name, layer):
+        def hook(module, args, kwargs):
+            x = args[0] if args else next(iter(kwargs.values()))
+            x = x.detach().reshape(-1, layer.in_features).to(layer.lora_A.device, torch.float64)  # (N, in)
+            gram = x.T @ x                                                    # (in, in)
+            stats[name] = gram if name not in stats else stats[name] + gram
+            rows[name] += x.shape[0]
+        return hook
+
+    modes = {m: m.training for m in model.modules()}
+    saved_ranks, schedule_state = _saved_ranks(layers), get_schedule(model).state_dict()
+    handles = [layer.register_forward_pre_hook(make_hook(n, layer), with_kwargs=True)
+               for n, layer in layers.items()]
+    try:
+        model.eval()
+        set_rank(model, {n: layer.rank for n, layer in layers.items()})
+        with torch.no_grad():
+            calibrate()
+    finally:
+        for handle in handles:
+            handle.remove()
+        _restore_ranks(layers, saved_ranks)
+        get_schedule(model).load_state_dict(schedule_state)
+        for m, mode in modes.items():
+            m.training = mode
+    unreached = [n for n in layers if rows[n] == 0]
+    if unreached:
+        raise ValueError(f"calibrate() never ran adapter {unreached[0]} ({len(unreached)} of {len(layers)} "
+                         "adapters saw no input); calibrate must run the model on calibration batches")
+    for n, gram in stats.items():
+        if not torch.isfinite(gram).all():
+            raise ValueError(f"the calibration inputs of {n} are not finite (inf or nan in X^T X)")
+    return stats
+
+
+def _svd_factors(A: torch.Tensor, B: torch.Tensor, scale: float,
+                 gram: Optional[torch.Tensor], damping: float):
+    """New float64 factors (A', B') with B' A' = scale * B A, ordered by the SVD.
+
+    Plain: by the SVD of the update itself. With gram = X^T X: by the SVD of the
+    whitened update (scale B A) L, L L^T = gram + damping * mean(diag) * I, so the
+    rank-k prefix minimises the output error ||X (delta_k - delta)^T|| (plus a
+    tiny weight-error term from the damping, which only breaks ties between
+    directions the inputs never reach). Returns (A' (r, in), B' (out, r), singular values).
+    """
+    r = A.shape[0]
+    AL = A                                                                    # (r, in)
+    if gram is not None:
+        eigval, eigvec = torch.linalg.eigh(gram)                              # (in,), (in, in)
+        ridge = damping * float(gram.diagonal().mean())
+        ridge = ridge if ridge > 0 else 1.0                                   # all-zero inputs: plain order
+        L = eigvec * (eigval.clamp(min=0) + ridge).sqrt()                     # (in, in), L L^T = gram + ridge I
+        AL = A @ L                                                            # (r, in)
+    # SVD of the (out, in) product through two thin QRs and a small core, so
+    # the cost is O((out + in) r^2) and no inverse of L is ever needed
+    QB, RB = torch.linalg.qr(B)                                               # (out, qb), (qb, r)
+    QA, RA = torch.linalg.qr(AL.T)                                            # (in, qa), (qa, r)
+    U, S, _ = torch.linalg.svd(scale * RB @ RA.T)                             # (qb, qb), (min(qb, qa),)
+    # new components: unit output directions Q_B U, and A' = U^T (scale R_B A),
+    # so B' A' = Q_B U U^T R_B A scale = scale B A exactly (U is square and
+    # orthogonal): the full-rank update is kept whatever L and its damping are
+    B_new = QB @ U                                                            # (out, qb)
+    A_new = U.T @ (scale * RB) @ A                                            # (qb, in)
+    # balance each component's two factors (||b_i|| = ||a_i||), as B = U sqrt(S), A = sqrt(S) V^T
+    norms = A_new.norm(dim=1)                                                 # (qb,)
+    c = torch.where(norms > 0, norms.sqrt(), torch.ones_like(norms))          # (qb,)
+    B_new, A_new = B_new * c, A_new / c[:, None]                              # (out, qb), (qb, in)
+    # a rank above min(out, in) leaves components with nothing to hold: zeros
+    q = B_new.shape[1]
+    A_full, B_full = A.new_zeros(r, A.shape[1]), B.new_zeros(B.shape[0], r)   # (r, in), (out, r)
+    A_full[:q], B_full[:, :q] = A_new, B_new
+    return A_full, B_full, S
+
+
+@torch.no_grad()
+def svd_reorder(model: nn.Module, calibrate: Optional[Callable[[], object]] = None,
+                damping: float = 1e-6) -> Dict[str, torch.Tensor]:
+    """Rewrite every adapter in place so each rank-k prefix is the best rank-k adapter.
+
+    For each adapter the full-rank update delta = s(r) B A is kept (exactly, up to
+    float64 rounding and the cast back to the adapter's dtype) and re-factored
+    into components sorted by the SVD, so that B[:, :k] A[:k] is, for every k at
+    once, the best rank-k approximation of delta:
+      calibrate=None: in the Frobenius norm of the weight (Eckart-Young);
+      calibrate: a callable with no arguments that runs the model on calibration
+        batches (its return value is ignored): in the output error on the inputs
+        each adapter sees during those forwards (eval mode, no_grad, full rank).
+        X^T X is collected per adapter in float64 (memory: in^2 float64 each),
+        the update is whitened by its square root, SVD'd, and mapped back.
+        `damping` (relative to the mean input energy) regularises rank-deficient
+        statistics; it changes only the order of the components, never the
+        full-rank update.
+    Each component's two factors get equal norms (B = U sqrt(S), A = sqrt(S) V^T).
+
+    The per-rank scale: a rank-k prefix of an SVD-ordered adapter is optimal as
+    it is, B[:, :k] A[:k], with no rank-dependent factor; s(k) = alpha / sqrt(k)
+    would rescale the best approximation into a worse one. So s(r) is folded into
+    the factors and the shared schedule's scaling becomes 'none' (alpha 1):
+    afterwards set_rank(k), merge, adapter_state_dict(rank=k), export_peft(k) and
+    allocate_ranks all serve the SVD-ordered prefixes. Training on after this
+    goes on with scaling 'none' (rebuild the optimizer: its moments are stale).
+
+    Works for every method and any adapter dtype (the SVD runs in float64).
+    Refuses, leaving the model bit-identical: no adapters, a merged model, a
+    calibrate that is not callable or never runs some adapter, non-finite
+    adapters or inputs. The model's train/eval modes and active ranks are kept.
+    Returns {layer name: singular values (float64, CPU)}, of the update, or of the
+    whitened update with calibrate.
+    """
+    layers = _require_adapters(model)
+    merged = [n for n, layer in layers.items() if layer.merged_rank is not None]
+    if merged:
+        raise ValueError(f"{merged[0]} is merged at rank {layers[merged[0]].merged_rank}; unmerge first")
+    if calibrate is not None and not callable(calibrate):
+        raise TypeError(f"calibrate must be a callable with no arguments, got {type(calibrate).__name__}")
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 < damping < 1:
+        raise ValueError(f"damping must be a number in (0, 1), got {damping!r}")
+    schedule = get_schedule(model)
+    for n, layer in layers.items():
+        if not (torch.isfinite(layer.lora_A).all() and torch.isfinite(layer.lora_B).all()):
+            raise ValueError(f"adapter {n} has non-finite values (inf or nan); nothing to reorder")
+    stats = _calibration_stats(model, layers, calibrate) if calibrate is not None else {}
+
+    # compute every new factor first, write them only once all have succeeded
+    new, spectra = {}, {}
+    for n, layer in layers.items():
+        # float64 on the adapter's device (MPS has no float64: the CPU there)
+        device = layer.lora_A.device if layer.lora_A.device.type != "mps" else torch.device("cpu")
+        A = layer.lora_A.detach().to(device, torch.float64)                   # (r, in)
+        B = layer.lora_B.detach().to(device, torch.float64)                   # (out, r)
+        gram = stats[n].to(device) if n in stats else None                    # (in, in)
+        scale = float(schedule.scale(layer.rank))
+        A_new, B_new, S = _svd_factors(A, B, scale, gram, float(damping))
+        if not (torch.isfinite(A_new).all() and torch.isfinite(B_new).all()):
+            raise ValueError(f"the SVD of adapter {n} is not finite (the update overflows float64?)")
+        new[n], spectra[n] = (A_new, B_new), S.cpu()
+    for n, layer in layers.items():
+        A_new, B_new = new[n]
+        layer.lora_A.copy_(A_new.to(layer.lora_A.device, layer.lora_A.dtype))
+        layer.lora_B.copy_(B_new.to(layer.lora_B.device, layer.lora_B.dtype))
+    schedule.scaling, schedule.alpha = "none", 1.0
+    schedule._cache.clear()
+    _restore_ranks(layers, _saved_ranks(layers))   # per-row rank scales were computed with the old s(k)
+    return spectra
+
+
+# PEFT LoRA config fields that change what the adapter computes beyond
+# base(x) + scale * B A x: each must have one of these values to import.
+_PEFT_UNSUPPORTED = {
+    "use_dora": (False, None), "bias": ("none", None), "lora_bias": (False, None),
+    "modules_to_save": (None, []), "layers_to_transform": (None, []), "layer_replication": (None, []),
+    "trainable_token_indices": (None, [], {}), "target_parameters": (None, []),
+    "alora_invocation_tokens": (None, []), "use_qalora": (False, None), "megatron_config": (None,),
+    "velora_config": (None,), "monteclora_config": (None,), "use_bdlora": (None, False),
+    "arrow_config": (None,), "kasa_config": (None,),
+}
+# initialisations that also rewrite the base weights: such an adapter only fits the rewritten base
+_PEFT_BASE_CHANGING_INIT = ("pissa", "olora", "loftq", "corda", "lora_ga")
+
+
+def _read_peft_config(adapter_dir: str) -> dict:
+    """adapter_config.json, checked field by field."""
+    file = os.path.join(adapter_dir, "adapter_config.json")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no adapter_config.json in {adapter_dir!r} (import_peft reads local directories)")
+    try:
+        with open(file) as f:
+            cfg = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{file} is not valid JSON ({e})") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{file} holds a {type(cfg).__name__}, not a config object")
+
+    def bad(field, why):
+        return ValueError(f"{file}: {field}={cfg.get(field)!r} {why}")
+
+    if cfg.get("peft_type") != "LORA":
+        raise bad("peft_type", "is not supported; import_peft reads LoRA adapters ('LORA') only")
+    for field, allowed in _PEFT_UNSUPPORTED.items():
+        if cfg.get(field) not in allowed:
+            raise bad(field, f"is not supported (plain LoRA needs {allowed[0]!r})")
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_PEFT_BASE_CHANGING_INIT):
+        raise bad("init_lora_weights", "changed the base weights at initialisation, so the adapter does not "
+                  "fit the original model; save it converted to plain LoRA "
+                  "(path_initial_model_for_weight_conversion) first")
+    r = cfg.get("r")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise bad("r", "must be a positive int")
+    alpha = cfg.get("lora_alpha")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise bad("lora_alpha", "must be a finite positive number")
+    for field in ("use_rslora", "fan_in_fan_out"):
+        if not isinstance(cfg.get(field, False), bool):
+            raise bad(field, "must be true or false")
+    dropout = cfg.get("lora_dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise bad("lora_dropout", "must be a number in [0, 1)")
+    for field, is_ok, what in (("rank_pattern", lambda v: not isinstance(v, bool) and isinstance(v, int) and v >= 1,
+                                "positive ints"),
+                               ("alpha_pattern", lambda v: not isinstance(v, bool) and isinstance(v, (int, float))
+                                and math.isfinite(v) and v > 0, "finite positive numbers")):
+        pattern = cfg.get(field) or {}
+        if not isinstance(pattern, dict) or not all(isinstance(k, str) and is_ok(v) for k, v in pattern.items()):
+            raise bad(field, f"must map module names (regexes) to {what}")
+    for field in ("target_modules", "exclude_modules"):
+        value = cfg.get(field)
+        if field == "exclude_modules" and value is None:
+            continue
+        if value == "all-linear":
+            raise bad(field, "is resolved by PEFT when the adapter is created; list the module names")
+        if not isinstance(value, str) and not (isinstance(value, list) and all(isinstance(t, str) for t in value)):
+            raise bad(field, "must be a list of module names or one regex string")
+        for pattern in [value] if isinstance(value, str) else []:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise bad(field, f"is not a valid regex ({e})") from None
+    return cfg
+
+
+def _peft_selects(cfg: dict, name: str) -> bool:
+    """Does PEFT put an adapter on module `name`? target_modules minus exclude_modules:
+    a string is a regex the whole name must match, a list names modules exactly or
+    as a dotted suffix."""
+    def matches(spec):
+        if isinstance(spec, str):
+            return re.fullmatch(spec, name) is not None
+        return any(name == t or name.endswith("." + t) for t in spec)
+    return matches(cfg["target_modules"]) and not (cfg.get("exclude_modules") and matches(cfg["exclude_modules"]))
+
+
+def _peft_pattern_value(pattern: dict, name: str, default):
+    """rank_pattern / alpha_pattern: the first key (a regex) that matches the end of
+    the module name at a dot boundary wins; else the default."""
+    for key, value in pattern.items():
+        if re.fullmatch(rf"(?:.*\.)?(?:{key})", name):
+            return value
+    return default
+
+
+def _read_peft_tensors(adapter_dir: str) -> Dict[str, torch.Tensor]:
+    single, binary = (os.path.join(adapter_dir, f) for f in ("adapter_model.safetensors", "adapter_model.bin"))
+    file = single if os.path.isfile(single) else binary
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{adapter_dir!r} has no adapter_model.safetensors or adapter_model.bin")
+    try:
+        if file == single:
+            from safetensors.torch import load_file   # only needed here
+            return load_file(file)
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:   # safetensors raises its own SafetensorError for a damaged file
+        raise ValueError(f"could not read the adapter tensors in {file!r} ({type(e).__name__}: {e})") from e
+
+
+@torch.no_grad()
+def import_peft(model: nn.Module, adapter_dir: str) -> List[str]:
+    """Load a Hugging Face PEFT LoRA adapter directory as mlora adapters: the reverse of export_peft.
+
+    Reads adapter_config.json (r, lora_alpha, use_rslora, rank_pattern,
+    alpha_pattern, target_modules as a list or a regex, exclude_modules,
+    lora_dropout) and adapter_model.safetensors (or adapter_model.bin), with keys
+    base_model.model.<module path>.lora_A[.<adapter name>].weight. Injects
+    adapters with method 'lora', scaling 'none', at the largest rank of any
+    layer, whose outputs equal PEFT's: each layer's PEFT scale (lora_alpha / r, or
+    / sqrt(r) with use_rslora, per layer from the patterns) is folded into its B,
+    and a layer of smaller rank is padded with zero components (which stay zero
+    if trained on: both their factors are zero). fan_in_fan_out only says how
+    the base weight lies; PEFT's A (r, in) and B (out, r) are the same either way.
+    Works on Hugging Face models and on mlora.GPT, whose module names are
+    Hugging Face GPT-2's. Then svd_reorder(model) makes every prefix rank usable.
+
+    Refuses with the field or tensor named, changing nothing: a model that
+    already has adapters, a non-LoRA or non-plain-LoRA config (DoRA, bias,
+    modules_to_save, layers_to_transform, ...), targets that are not linear
+    layers (embeddings, convolutions), missing, extra or mis-shaped tensors.
+    Returns the adapted module names.
+    """
+    if adapter_layers(model):
+        raise ValueError("model already has Matryoshka adapters; call mlora.remove first")
+    if not os.path.isdir(adapter_dir):
+        raise FileNotFoundError(f"no adapter directory at {adapter_dir!r} (import_peft reads local directories)")
+    cfg = _read_peft_config(adapter_dir)
+    tensors = _read_peft_tensors(adapter_dir)
+
+    # which modules PEFT would adapt, checked the way PEFT checks them
+    modules = dict(model.named_modules())
+    targets = [n for n in modules if n and _peft_selects(cfg, n)]
+    if not targets:
+        raise ValueError(f"target_modules={cfg['target_modules']!r} selects no module of {type(model).__name__}; "
+                         f"its modules are named like {[n for n in modules if n][:6]}")
+    for n in targets:
+        if _linear_shape(modules[n]) is None:
+            raise ValueError(f"target_modules={cfg['target_modules']!r} selects {n}, a {type(modules[n]).__name__}: "
+                             "only linear layers (nn.Linear, Conv1D) can be imported")
+
+    # tensors by module: base_model.model.<path>.lora_A[.<adapter>].weight
+    key_format = re.compile(r"base_model\.model\.(.+)\.lora_([AB])(?:\.([^.]+))?\.weight")
+    found, adapter_names = {}, set()
+    for key, value in tensors.items():
+        m = key_format.fullmatch(key)
+        if m is None:
+            raise ValueError(f"unexpected tensor {key!r} in {adapter_dir}: plain LoRA has only "
+                             "base_model.model.<module>.lora_A.weight and .lora_B.weight")
+        path, which, adapter_name = m.groups()
+        adapter_names.add(adapter_name)
+        if path not in targets:
+            where = "is not a module of the model" if path not in modules else "is not selected by target_modules"
+            raise ValueError(f"extra tensor {key!r}: {path} {where}")
+        found[(path, which)] = (key, value)
+    if len(adapter_names) > 1:
+        raise ValueError(f"{adapter_dir} holds several adapters {sorted(map(str, adapter_names))}; import one at a time")
+    missing = [f"{n}.lora_{w}" for n in targets for w in "AB" if (n, w) not in found]
+    if missing:
+        raise ValueError(f"missing tensors for {missing[:4]} ({len(missing)} missing): target_modules selects "
+                         "modules the adapter file has no weights for")
+
+    # per-layer rank and scale, and every shape, before the model is touched
+    plan = {}   # name -> (A (k, in), B (out, k), PEFT scale)
+    dtype = torch.float32
+    for n in targets:
+        in_features, out_features, _ = _linear_shape(modules[n])
+        k = _peft_pattern_value(cfg.get("rank_pattern") or {}, n, cfg["r"])
+        alpha = _peft_pattern_value(cfg.get("alpha_pattern") or {}, n, cfg["lora_alpha"])
+        (key_A, A), (key_B, B) = found[(n, "A")], found[(n, "B")]
+        for key, t, shape in ((key_A, A, (k, in_features)), (key_B, B, (out_features, k))):
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{key} has shape {tuple(t.shape)}; {n} with r={k} needs {shape}")
+            if not t.is_floating_point() or not torch.isfinite(t).all():
+                raise ValueError(f"{key} is not a finite floating-point tensor ({t.dtype})")
+        plan[n] = (A, B, alpha / math.sqrt(k) if cfg.get("use_rslora", False) else alpha / k)
+        # adapters at least float32 (PEFT upcasts half-precision adapters too), float64 on float64 models
+        dtype = torch.promote_types(dtype, modules[n].weight.dtype)
+
+    rank = max(A.shape[0] for A, _, _ in plan.values())
+    names = inject(model, [re.escape(n) for n in targets], rank, method="lora", scaling="none",
+                   dropout=float(cfg.get("lora_dropout", 0.0)), dtype=dtype)
+    try:
+        layers = adapter_layers(model)
+        for n, (A, B, scale) in plan.items():
+            layer, k = layers[n], A.shape[0]
+            A_full = torch.zeros_like(layer.lora_A)                                # (rank, in)
+            B_full = torch.zeros_like(layer.lora_B)                                # (out, rank)
+            A_full[:k] = A.to(A_full.device, torch.float64).to(dtype)              # (k, in)
+            B_full[:, :k] = (B.to(B_full.device, torch.float64) * scale).to(dtype)  # (out, k)
+            layer.lora_A.copy_(A_full)
+            layer.lora_B.copy_(B_full)
+    except BaseException:
+        remove(model)   # inject succeeded but the copy did not: undo it
+        raise
+    return names
