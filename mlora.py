@@ -24,6 +24,7 @@ Contents, top to bottom:
     5. AURAC and rank curves
     6. a minimal GPT-2 (loads local Hugging Face checkpoints) and tokenizers
     7. deployment: export a prefix rank as a PEFT adapter, per-layer ranks under a budget
+    8. post-hoc SVD hierarchy of any adapter (svd_reorder), PEFT LoRA import (import_peft)
 
 Only torch is imported at module level (safetensors, tokenizers and peft's
 format are touched only inside the functions that need them); copy this file
@@ -685,7 +686,8 @@ def inject(model: nn.Module, targets: Union[str, Sequence[str]], rank: int,
 
 
 def remove(model: nn.Module) -> List[str]:
-    """Put the original layers back (unmerged) and drop the adapters. Returns their names."""
+    """Put the original layers back (unmerged, see merge for exactness) and drop the
+    adapters. Returns their names."""
     layers = _require_adapters(model)
     for layer in layers.values():   # check every layer before changing any
         layer.check_unmerge()
@@ -1156,6 +1158,8 @@ class GPT(nn.Module):
     def from_pretrained(cls, path: str, dtype=None) -> "GPT":
         """Load a local Hugging Face GPT-2 directory (config.json and model.safetensors,
         a sharded safetensors index, or pytorch_model.bin). Never touches the network."""
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
         config = _gpt2_config_from_hf(path)
         model = cls(config)
         hf_state = _read_hf_weights(path)
@@ -1923,7 +1927,8 @@ def import_peft(model: nn.Module, adapter_dir: str) -> List[str]:
     and a layer of smaller rank is padded with zero components (which stay zero
     if trained on: both their factors are zero). fan_in_fan_out only says how
     the base weight lies; PEFT's A (r, in) and B (out, r) are the same either way.
-    Works on Hugging Face models and on mlora.GPT, whose module names are
+    The adapters are float32 (float64 on a float64 model), as PEFT upcasts
+    half-precision adapters. Works on Hugging Face models and on mlora.GPT, whose module names are
     Hugging Face GPT-2's. Then svd_reorder(model) makes every prefix rank usable.
 
     Refuses with the field or tensor named, changing nothing: a model that
@@ -1989,6 +1994,7 @@ def import_peft(model: nn.Module, adapter_dir: str) -> List[str]:
         dtype = torch.promote_types(dtype, modules[n].weight.dtype)
 
     rank = max(A.shape[0] for A, _, _ in plan.values())
+    flags = [(p, p.requires_grad) for p in model.parameters()]   # inject freezes the base
     names = inject(model, [re.escape(n) for n in targets], rank, method="lora", scaling="none",
                    dropout=float(cfg.get("lora_dropout", 0.0)), dtype=dtype)
     try:
@@ -2003,5 +2009,7 @@ def import_peft(model: nn.Module, adapter_dir: str) -> List[str]:
             layer.lora_B.copy_(B_full)
     except BaseException:
         remove(model)   # inject succeeded but the copy did not: undo it
+        for p, flag in flags:
+            p.requires_grad_(flag)
         raise
     return names
