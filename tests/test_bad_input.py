@@ -466,6 +466,8 @@ CASES = [
     ("tokenizer-empty", "none", lambda m, t: mlora.CharTokenizer(""), ValueError, "at least one"),
     ("tokenizer-encode-bytes", "none", lambda m, t: mlora.CharTokenizer("abc").encode(b"ab"), ValueError,
      "bytes"),
+    ("from_pretrained-dtype-str", "none", lambda m, t: mlora.GPT.from_pretrained(str(t), dtype="float16"),
+     ValueError, "'float16'"),
     ("from_pretrained-missing", "none", lambda m, t: mlora.GPT.from_pretrained(str(t / "nope")),
      FileNotFoundError, "nope"),
     ("from_pretrained-no-config", "none", lambda m, t: mlora.GPT.from_pretrained(str(t)), FileNotFoundError,
@@ -673,3 +675,31 @@ def test_load_state_dict_copies_nothing_when_one_value_is_bad():
         mlora.load_adapter_state_dict(model, state)
     after = mlora.adapter_state_dict(model)
     assert all(torch.equal(after[k], before[k]) for k in before)   # fc1 was not copied first
+
+
+def test_copies_advance_their_own_schedule():
+    """The advance hook holds the adapters it watches: deepcopy and pickling keep it
+    pointed at the copy's adapters and schedule, never at the original's."""
+    import io
+    model = adapted("dylora")
+    clone = copy.deepcopy(model)
+    clone(x_mlp()).sum().backward()
+    assert mlora.get_schedule(clone).step == 1 and mlora.get_schedule(model).step == 0
+    buffer = io.BytesIO()
+    torch.save(clone, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    loaded(x_mlp()).sum().backward()
+    assert mlora.get_schedule(loaded).step == 2 and mlora.get_schedule(clone).step == 1
+
+
+def test_failed_forward_does_not_advance_the_schedule():
+    """A training forward that fails before any adapter runs (a bad token id) must not
+    spend a DyLoRA / stratified draw: the step advances on the adapters' first use."""
+    gpt = tiny_gpt()
+    schedule = mlora.get_schedule(gpt)
+    with pytest.raises(ValueError, match="token id"):
+        gpt(torch.tensor([[0, VOCAB]]))
+    assert schedule.step == 0
+    gpt(torch.tensor([[0, 1]]))[0].sum().backward()
+    assert schedule.step == 1
