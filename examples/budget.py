@@ -7,14 +7,22 @@ source). Then, for the parameter counts of uniform ranks 1, 2, 4, 8 and 16,
 mlora.allocate_ranks chooses a rank per layer on a calibration set (the val
 split) and both are scored on the held-out test split. Nothing is downloaded.
 
-    python examples/budget.py                  # ~2 CPU-minutes (one thread); cached in out/budget
+    python examples/budget.py                  # a minute or two on one thread; cached in out/budget
     python examples/budget.py --steps 600      # unknown flags go to train_toy.py
+    python examples/budget.py --json assets/budget.json   # the committed evidence
 
-A second run reuses the trained adapter (train_toy --resume).
+A second run reuses the trained adapter (train_toy --resume). The raw results,
+with the command, git commit, torch version, threads, CPU model and date, go to
+out/budget/budget.json, or to --json: scripts/report.py builds the budget table
+of docs/evidence.md from assets/budget.json.
 """
 
 import argparse
+import datetime
+import json
 import os
+import platform
+import subprocess
 import sys
 import time
 
@@ -29,6 +37,30 @@ import train_toy   # noqa: E402
 TOY_ARGS = ["--quick", "--pretrain_steps", "600", "--steps", "300", "--batch_size", "16",
             "--ft_chars", "300000", "--eval_blocks", "128", "--no_plot"]
 UNIFORM_RANKS = [1, 2, 4, 8, 16]
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def provenance(argv, threads: int) -> dict:
+    """What a reader needs to rerun this exactly: command, commit, software, machine, date."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip() != ""
+    except (OSError, subprocess.CalledProcessError):   # not a git checkout: say so rather than guess
+        commit, dirty = None, None
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:   # Linux: the marketing name is more telling than 'x86_64'
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return dict(command=" ".join(["python", "examples/budget.py"] + list(argv)), git_commit=commit,
+                git_dirty=dirty, torch=torch.__version__, python=platform.python_version(), threads=threads,
+                cpu=cpu, cpu_count=os.cpu_count(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(
+                    timespec="seconds"))
 
 
 @torch.no_grad()
@@ -48,13 +80,20 @@ def main():
     parser.add_argument("--calib_blocks", type=int, default=64, help="calibration windows, from the val split")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1: this tiny model gains nothing from more on a shared CPU)")
-    args, toy_extra = parser.parse_known_args()
+    parser.add_argument("--json", default=None,
+                        help="where to write the raw results (default: out_dir/budget.json; the committed "
+                             "evidence is written with --json assets/budget.json; '' to skip)")
+    argv = sys.argv[1:]
+    args, toy_extra = parser.parse_known_args(argv)
     torch.set_num_threads(args.threads)
+    if args.json is None:   # never the committed assets/ unless asked: a test run must not overwrite them
+        args.json = os.path.join(args.out_dir, "budget.json")
+    t_start = time.time()
 
     # 1. the trained hierarchy (train_toy caches everything in out_dir; --resume reuses it)
     toy_argv = TOY_ARGS + toy_extra + ["--methods", "matryoshka", "--resume", "--out_dir", args.out_dir,
                                        "--threads", str(args.threads)]
-    train_toy.main(toy_argv)
+    toy_results = train_toy.main(toy_argv)
     model, _ = train_toy.load_finetuned(args.out_dir, "matryoshka")
     corpora = train_toy.load_corpora(train_toy.parse_args(toy_argv))   # the splits the adapter was trained on
     block = model.config.block_size
@@ -104,6 +143,23 @@ def main():
     print(f"{'layer':<28}" + "".join(f"{k:>5}" for k in UNIFORM_RANKS))
     for name in layers:
         print(f"{name:<28}" + "".join(f"{plans[k][name]:>5}" for k in UNIFORM_RANKS))
+
+    if args.json:
+        keys = ("k", "budget", "params_mix", "calib_loss_uniform", "calib_loss_mix", "test_loss_uniform",
+                "test_loss_mix", "test_acc_uniform", "test_acc_mix", "calib_loss_calls", "allocate_seconds")
+        n_test = test[1].numel()
+        result = dict(provenance(argv, args.threads), toy_args=toy_argv, layers=list(layers),
+                      adapter_rank=mlora.get_schedule(model).rank, calib_chars=calib[1].numel(),
+                      test_chars=n_test, seed=0, toy_config=toy_results.get("config"),
+                      rows=[dict(zip(keys, row)) for row in rows],
+                      plans={str(k): plans[k] for k in UNIFORM_RANKS}, wall_seconds=time.time() - t_start)
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+
+        def write(tmp):
+            with open(tmp, "w") as f:
+                f.write(json.dumps(result, indent=1) + "\n")
+        mlora.atomic_write(args.json, write)
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":
