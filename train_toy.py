@@ -9,12 +9,16 @@ train_toy.py: the MatryoshkaLoRA comparison (arXiv 2605.07850) at toy scale.
    later runs skip this stage.
 2. Fine-tune on a different domain, also built in: the source code of a fixed,
    sorted list of standard-library modules read from the running interpreter
-   (STDLIB_MODULES; files absent from this Python are skipped). Split
-   80/10/10 into train/val/test by position, so val and test are held-out
-   modules.
+   (STDLIB_MODULES; files absent from this Python are skipped), or your own text
+   with `--finetune_data PATH`. Split 80/10/10 into train/val/test by position,
+   so val and test are held-out text.
 3. Methods, each with the same data order, steps and seed:
      lora            LoRA trained at --rank, evaluated truncated at every rank
-     lora-per-rank   the grid-search oracle: one LoRA trained at each eval rank
+     lora-svd        the lora run, re-ordered after training by mlora.svd_reorder
+                     (calibrated on windows of the training split), so each rank-k
+                     prefix is the best rank-k approximation of the trained update
+     lora-per-rank   one LoRA trained at each eval rank (every rank at LoRA's rate
+                     unless --sweep tunes each rank)
      dylora          the MatryoshkaLoRA authors' DyLoRA: b uniform on the train
                      ranks, every component up to b trained, one draw per forward
      dylora-frozen   original DyLoRA: b uniform on 1..r, components below b frozen
@@ -24,23 +28,30 @@ train_toy.py: the MatryoshkaLoRA comparison (arXiv 2605.07850) at toy scale.
      stratified      a rank per example (one forward, unbiased nested estimate)
      nested          the exact nested objective: the mean over the train ranks of
                      the loss at each rank (|S| forwards per step)
+   `--svd` also reports every other method SVD-ordered the same way (rows
+   '<method>+svd'). lora-svd reuses the lora run when both are asked for.
 4. Evaluate every method at every eval rank on the test split (next-character
    accuracy and loss), print a table with AURAC (log2 and linear), training
-   seconds and training FLOPs, write {out_dir}/results.json and
-   {out_dir}/rank_accuracy.png (and aurac_vs_steps.png with --steps_curve).
+   seconds and training FLOPs (and the post-hoc SVD step's), write
+   {out_dir}/results.json and {out_dir}/rank_accuracy.png (and
+   aurac_vs_steps.png with --steps_curve).
 
 Running:
     python train_toy.py                      # default methods, CPU, ~15 minutes on 2 cores
-    python train_toy.py --quick              # the same, tiny, under a minute
+    python train_toy.py --quick              # the same, tiny, under a minute, into out/quick
     python train_toy.py --methods all --seed 0,1,2
     python train_toy.py --sweep              # pick each method's lr on the val split
     python train_toy.py --device cuda        # bf16 autocast, TF32, compile, the char-gpu preset
     torchrun --nproc_per_node 2 train_toy.py --quick   # DDP (gloo on CPU, nccl on CUDA)
 
+Every flag is checked before anything is read, trained or written; a bad one
+ends the run with a one-line `error:` naming it (exit code 2).
+
 The sweep selects, per method, the learning rate with the highest validation
 AURAC (log2) of next-character accuracy (ties: lower mean validation loss over
-the ranks), on the first seed; the other seeds reuse it. Only the learning rate
-is tuned, as the paper tunes it.
+the ranks), on the first seed; the other seeds reuse it. lora-svd is scored by
+its own, SVD-ordered prefixes. Only the learning rate is tuned, as the paper
+tunes it.
 
 Python interface (for notebooks):
     main(argv: list[str]) -> dict           the results dict, also written to results.json
@@ -54,18 +65,20 @@ results.json: {"ranks": [...], "methods": {name: {"acc": [...], "loss": [...],
 "aurac_log2": x, "aurac_linear": y, "train_seconds": t, "train_flops": f, "lr": ...,
 ...}}, "base": {...}, "config": {...}}. With several seeds, acc/loss/aurac/seconds
 are means and the *_std keys hold the standard deviations; "per_seed" keeps each run.
+SVD-ordered rows also hold "posthoc_seconds" and "posthoc_flops".
 
 Training FLOPs are an analytic count of matmul FLOPs: forward 2*m*n per token for
 every linear layer (base, adapter, lm_head) plus 4*T*C per token per layer for
 attention (scores and weighted sum, full T); backward 1x forward for frozen
 weights (input gradients only) and 2x for trained weights and attention. Adapter
 matmuls use the width actually computed each step (DyLoRA: b). nested counts its
-|S| forwards and backwards, lora-per-rank the sum of its trainings.
+|S| forwards and backwards, lora-per-rank the sum of its trainings. The post-hoc
+SVD step counts its calibration forwards, the input second moments and the
+factorisations (see svd_flops).
 """
 
 import argparse
 import contextlib
-import copy
 import dataclasses
 import hashlib
 import json
@@ -84,10 +97,12 @@ import mlora
 # -----------------------------------------------------------------------------
 # settings
 
-ALL_METHODS = ("lora", "lora-per-rank", "dylora", "dylora-frozen", "matryoshka", "matryoshka-mean",
-               "stratified", "nested")
-DEFAULT_METHODS = ("lora", "dylora", "matryoshka", "stratified")
+ALL_METHODS = ("lora", "lora-svd", "lora-per-rank", "dylora", "dylora-frozen", "matryoshka",
+               "matryoshka-mean", "stratified", "nested")
+DEFAULT_METHODS = ("lora", "lora-svd", "dylora", "matryoshka", "stratified")
+STATIC_METHODS = ("lora", "lora-per-rank", "matryoshka", "matryoshka-mean")   # p never changes: compilable
 TARGETS = ("c_attn", "c_proj", "c_fc")   # every linear of the GPT blocks
+CHAR_PRESETS = ("char-tiny", "char-cpu", "char-gpu")
 
 # Settings that depend on the profile (--quick, CPU, CUDA). A flag left at 'auto' takes these.
 PROFILES = {
@@ -110,28 +125,78 @@ STDLIB_MODULES = (
     "pprint queue quopri random reprlib sched secrets selectors shelve shlex shutil socket "
     "statistics string struct subprocess tarfile tempfile textwrap threading timeit token "
     "tokenize trace traceback types typing uuid warnings wave weakref zipapp").split()
+PRETRAIN_SPLIT = (0.95, 0.05)        # train, val
+FINETUNE_SPLIT = (0.8, 0.1, 0.1)     # train, val, test
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 # Per-method learning rates picked by `--sweep` (validation AURAC log2, grid 3e-4, 1e-3, 3e-3;
 # char-cpu, 300 steps, seed 0); lora-per-rank inherits lora's and nested stratified's. A bare
-# value applies to every method not named.
+# value applies to every method not named; lora-svd, when not named, takes lora's rate.
 DEFAULT_LR = "3e-3,lora=1e-3,lora-per-rank=1e-3,matryoshka-mean=3e-4"
 WARMUP_STEPS = 10   # fine-tuning warmup; the rate is constant afterwards (see --steps_curve)
 BASE_SEED = 0       # the base model is shared by all seeds: seeds vary the fine-tuning only
+EVAL_BATCH = 32     # windows per evaluation (and calibration) forward
 
 
 # -----------------------------------------------------------------------------
-# command line
+# command line: argparse types (each names the bad value)
 
 
-def _csv_ints(text: str, name: str) -> List[int]:
+class BadFlag(ValueError):
+    """A flag value that cannot run; parse_args turns it into a one-line argparse error."""
+
+
+def _number(text: str, flag: str, integer: bool, minimum: float, strict: bool):
+    """text as an int/float >= minimum (> minimum when strict, finite), else BadFlag naming it."""
+    prefix = f"{flag} " if flag else ""
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{name} must be a comma list of integers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError(f"{name} is empty")
+        value = int(text) if integer else float(text)
+    except (TypeError, ValueError):
+        raise BadFlag(f"{prefix}must be {'an integer' if integer else 'a number'}, got {text!r}") from None
+    if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+        bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
+        kind = "an integer" if integer else "a finite number"
+        raise BadFlag(f"{prefix}must be {kind} {bound}, got {text!r}")
+    return value
+
+
+def _arg_type(integer: bool, minimum: float, strict: bool, auto: bool = False):
+    """An argparse type: a number with a lower bound (and 'auto' when allowed)."""
+    def convert(text):
+        if auto and text == "auto":
+            return text
+        try:
+            return _number(text, "", integer, minimum, strict)
+        except BadFlag as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = "integer" if integer else "number"
+    return convert
+
+
+positive_int, nonneg_int = _arg_type(True, 0, True), _arg_type(True, 0, False)
+positive_float, nonneg_float = _arg_type(False, 0, True), _arg_type(False, 0, False)
+auto_positive_int, auto_positive_float = _arg_type(True, 0, True, auto=True), _arg_type(False, 0, True, auto=True)
+
+
+def _csv(text: str, flag: str) -> List[str]:
+    """'a,b,c' -> ['a', 'b', 'c']; an empty list or entry is an error."""
+    parts = [t.strip() for t in text.split(",")]
+    if not text.strip() or not all(parts):
+        raise BadFlag(f"{flag} {text!r} has an empty entry; give a comma list without blanks")
+    return parts
+
+
+def _csv_numbers(text: str, flag: str, integer: bool, minimum: float, strict: bool) -> list:
+    """A comma list of numbers, each checked, without duplicates."""
+    values = [_number(v, flag, integer, minimum, strict) for v in _csv(text, flag)]
+    repeated = [v for i, v in enumerate(values) if v in values[:i]]
+    if repeated:
+        raise BadFlag(f"{flag} {text!r} lists {repeated[0]:g} twice")
     return values
+
+
+# -----------------------------------------------------------------------------
+# command line: the flags
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,166 +205,225 @@ def build_parser() -> argparse.ArgumentParser:
         description="Character-level pretraining, then LoRA vs DyLoRA vs MatryoshkaLoRA fine-tuning "
                     "with per-rank accuracy and AURAC. 'auto' values depend on --quick and the device "
                     f"(profiles: {', '.join(PROFILES)}).")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help=f"comma list from {', '.join(ALL_METHODS)}, or 'all'")
-    p.add_argument("--rank", type=int, default=32, help="adapter rank r")
-    p.add_argument("--train_ranks", default="auto", help="comma list; auto = powers of two up to --rank")
-    p.add_argument("--eval_ranks", default="auto", help="comma list; auto = powers of two up to --rank")
-    p.add_argument("--steps", default="auto", help="fine-tuning steps (cpu 300, quick 30, cuda 1000)")
-    p.add_argument("--lr", default=DEFAULT_LR,
-                   help="fine-tuning learning rate: one value, or method=value pairs "
-                        "(e.g. lora=1e-3,matryoshka=3e-3; a bare value sets the rest)")
-    p.add_argument("--sweep", action="store_true",
-                   help="pick each method's lr from --lr_grid by validation AURAC (log2) on the first "
-                        "seed; methods given an explicit method=value in --lr are not swept")
-    p.add_argument("--lr_grid", default="3e-4,1e-3,3e-3,1e-2", help="learning rates tried by --sweep")
-    p.add_argument("--seed", default="0", help="fine-tuning seed, or a comma list run in turn")
-    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or mps")
-    p.add_argument("--out_dir", default="out", help="results, checkpoints and plots")
-    p.add_argument("--quick", action="store_true", help="tiny model and few steps: end to end in under a minute")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from its checkpoints (same flags)")
-    p.add_argument("--data", default=None, help="pretraining text file; None means the built-in pydoc_data.topics text")
-    p.add_argument("--dataset", default=None, choices=["shakespeare"],
-                   help="download tiny-shakespeare (once, cached in out_dir) for pretraining")
-    p.add_argument("--steps_curve", default=None,
-                   help="comma list of step counts at which to also evaluate (test split), for AURAC "
-                        "vs steps; the rate is constant after warmup, so these equal shorter runs")
-    p.add_argument("--preset", default="auto", help="model size: char-tiny, char-cpu or char-gpu (mlora.PRESETS); auto: quick -> char-tiny, "
-                        "cpu -> char-cpu, cuda -> char-gpu")
-    p.add_argument("--pretrain_steps", default="auto", help="pretraining steps (cpu 600, quick 150, cuda 3000)")
-    p.add_argument("--pretrain_lr", default="auto", help="pretraining peak lr (cosine decay)")
-    p.add_argument("--pretrain_batch", default="auto", help="pretraining batch size")
-    p.add_argument("--batch_size", default="auto", help="fine-tuning batch size (per process)")
-    p.add_argument("--eval_blocks", default="auto", help="blocks of block_size characters per eval split")
-    p.add_argument("--ft_chars", default="auto", help="characters of stdlib source to fine-tune on")
-    p.add_argument("--scaling", default="sqrt", choices=list(mlora.SCALINGS), help="s(k) rule")
-    p.add_argument("--alpha", type=float, default=1.0, help="scaling numerator")
-    p.add_argument("--matryoshka_normalize", action="store_true",
-                   help="divide the matryoshka p by |S| (the expected DyLoRA p)")
-    p.add_argument("--grad_clip", type=float, default=1.0, help="gradient norm clip (0: off)")
-    p.add_argument("--ckpt_every", default="auto", help="fine-tuning steps between resume checkpoints")
-    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
-                   help="torch.compile (auto: on for CUDA, static schedules only)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--no_plot", action="store_true", help="skip the PNGs")
-    # testing hook: exit abruptly (no cleanup, like a kill) after N fine-tuning steps
-    p.add_argument("--_stop_after", type=int, default=0, help=argparse.SUPPRESS)
+    _add_method_flags(p.add_argument_group("methods and fine-tuning"))
+    _add_data_flags(p.add_argument_group("data and model size"))
+    _add_run_flags(p.add_argument_group("devices, files and output"))
     return p
 
 
+def _add_method_flags(g):
+    g.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma list from {', '.join(ALL_METHODS)}, or 'all'")
+    g.add_argument("--svd", action="store_true",
+                   help="also report every other method SVD-ordered after training (rows '<method>+svd'; "
+                        "not lora-per-rank, whose adapters are used at full rank, nor lora when lora-svd runs)")
+    g.add_argument("--rank", type=positive_int, default=32, help="adapter rank r")
+    g.add_argument("--train_ranks", default="auto", help="comma list; auto = powers of two up to --rank")
+    g.add_argument("--eval_ranks", default="auto", help="comma list; auto = powers of two up to --rank")
+    g.add_argument("--steps", type=auto_positive_int, default="auto",
+                   help="fine-tuning steps (cpu 300, quick 30, cuda 1000)")
+    g.add_argument("--lr", default=DEFAULT_LR,
+                   help="fine-tuning learning rate: one value, or method=value pairs "
+                        "(e.g. lora=1e-3,matryoshka=3e-3; a bare value sets the rest)")
+    g.add_argument("--sweep", action="store_true",
+                   help="pick each method's lr from --lr_grid by validation AURAC (log2) on the first "
+                        "seed; methods given an explicit method=value in --lr are not swept")
+    g.add_argument("--lr_grid", default="3e-4,1e-3,3e-3,1e-2", help="learning rates tried by --sweep")
+    g.add_argument("--seed", default="0", help="fine-tuning seed, or a comma list run in turn")
+    g.add_argument("--steps_curve", default=None,
+                   help="comma list of step counts at which to also evaluate (test split), for AURAC "
+                        "vs steps; the rate is constant after warmup, so these equal shorter runs")
+    g.add_argument("--batch_size", type=auto_positive_int, default="auto", help="fine-tuning batch size (per process)")
+    g.add_argument("--scaling", default="sqrt", choices=list(mlora.SCALINGS), help="s(k) rule")
+    g.add_argument("--alpha", type=positive_float, default=1.0, help="scaling numerator")
+    g.add_argument("--matryoshka_normalize", action="store_true",
+                   help="divide the matryoshka p by |S| (the expected DyLoRA p)")
+    g.add_argument("--grad_clip", type=nonneg_float, default=1.0, help="gradient norm clip (0: off)")
+
+
+def _add_data_flags(g):
+    g.add_argument("--data", default=None, help="pretraining text file; None means the built-in pydoc_data.topics text")
+    g.add_argument("--dataset", default=None, choices=["shakespeare"],
+                   help="download tiny-shakespeare (once, cached in out_dir) for pretraining")
+    g.add_argument("--finetune_data", default=None,
+                   help="fine-tuning text file (UTF-8), split 80/10/10 like the built-in corpus; "
+                        "None means the built-in standard-library source")
+    g.add_argument("--ft_chars", type=auto_positive_int, default="auto",
+                   help="characters of built-in stdlib source to fine-tune on (not with --finetune_data)")
+    g.add_argument("--preset", default="auto", choices=("auto",) + CHAR_PRESETS,
+                   help="model size (mlora.PRESETS); auto: quick -> char-tiny, cpu -> char-cpu, cuda -> char-gpu")
+    g.add_argument("--pretrain_steps", type=auto_positive_int, default="auto",
+                   help="pretraining steps (cpu 600, quick 150, cuda 3000)")
+    g.add_argument("--pretrain_lr", type=auto_positive_float, default="auto", help="pretraining peak lr (cosine decay)")
+    g.add_argument("--pretrain_batch", type=auto_positive_int, default="auto", help="pretraining batch size")
+    g.add_argument("--eval_blocks", type=auto_positive_int, default="auto",
+                   help="blocks of block_size characters per eval split (and of the training split for "
+                        "the SVD calibration)")
+
+
+def _add_run_flags(g):
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="auto: cuda if available, else cpu")
+    g.add_argument("--autocast", default="auto", choices=["auto", "bf16", "off"],
+                   help="bf16 autocast of forwards, on any device; auto: bf16 on a CUDA GPU that supports it")
+    g.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile (static schedules only; auto: on for CUDA)")
+    g.add_argument("--threads", type=nonneg_int, default=0, help="torch CPU threads (0: torch's default)")
+    g.add_argument("--out_dir", default=None,
+                   help="results, checkpoints and plots (default: out, or out/quick with --quick)")
+    g.add_argument("--quick", action="store_true", help="tiny model and few steps: end to end in under a minute")
+    g.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its checkpoints (same flags)")
+    g.add_argument("--ckpt_every", type=auto_positive_int, default="auto",
+                   help="fine-tuning steps between resume checkpoints")
+    g.add_argument("--no_plot", action="store_true", help="skip the PNGs")
+
+
+# -----------------------------------------------------------------------------
+# command line: checks that need several flags
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    """Parse and validate; every error exits with a message before any training."""
+    """Parse and check every flag. A bad value exits (code 2) with a one-line message
+    naming it, before anything is trained or written."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    err = parser.error
-
-    # device
-    if args.device not in ("auto", "cpu", "cuda", "mps"):
-        err(f"unknown --device {args.device!r}; expected auto, cpu, cuda or mps")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        err("--device cuda was asked for but torch sees no CUDA GPU (torch.cuda.is_available() is False)")
-    if args.device == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        err("--device mps was asked for but MPS is not available")
-
-    # profile-dependent values
-    profile = PROFILES["quick" if args.quick else ("cuda" if args.device == "cuda" else "cpu")]
-    for key, value in profile.items():
-        given = getattr(args, key)
-        if given == "auto":
-            setattr(args, key, value)
-        elif key == "pretrain_lr":
-            try:
-                setattr(args, key, float(given))
-            except ValueError:
-                err(f"--pretrain_lr must be a number, got {given!r}")
-        elif key != "preset":
-            try:
-                setattr(args, key, int(given))
-            except ValueError:
-                err(f"--{key} must be an integer or 'auto', got {given!r}")
-            if getattr(args, key) < 1:
-                err(f"--{key} must be positive, got {given!r}")
-    if args.preset not in mlora.PRESETS or args.preset == "gpt2":
-        err(f"unknown --preset {args.preset!r}; expected one of char-tiny, char-cpu, char-gpu")
-
-    # methods
-    names = ALL_METHODS if args.methods.strip() == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in names if m not in ALL_METHODS]
-    if unknown or not names:
-        err(f"unknown method {unknown[0] if unknown else args.methods!r}; expected a comma list of "
-            f"{', '.join(ALL_METHODS)}, or 'all'")
-    args.methods = list(dict.fromkeys(names))
-
-    # ranks
-    if args.rank < 1:
-        err(f"--rank must be positive, got {args.rank}")
-    for key in ("train_ranks", "eval_ranks"):
-        text = getattr(args, key)
-        try:
-            ranks = mlora.default_train_ranks(args.rank) if text == "auto" else _csv_ints(text, "--" + key)
-        except argparse.ArgumentTypeError as e:
-            err(str(e))
-        bad = [k for k in ranks if k < 1 or k > args.rank]
-        if bad:
-            err(f"--{key} has rank {bad[0]}, outside 1..--rank={args.rank}")
-        if len(set(ranks)) != len(ranks):
-            err(f"--{key} has duplicates: {ranks}")
-        setattr(args, key, sorted(ranks))
-    n_embd = mlora.PRESETS[args.preset]["n_embd"]
-    if args.rank > n_embd:
-        err(f"--rank {args.rank} is above the model width {n_embd} of preset {args.preset}")
-
-    # seeds, learning rates, steps curve
     try:
-        args.seeds = _csv_ints(args.seed, "--seed")
-        args.lr_grid = [float(v) for v in args.lr_grid.split(",") if v.strip()]
-        args.steps_curve = sorted(set(_csv_ints(args.steps_curve, "--steps_curve"))) if args.steps_curve else []
-    except (argparse.ArgumentTypeError, ValueError) as e:
-        err(f"bad number list: {e}")
-    if args.sweep and not args.lr_grid:
-        err("--sweep needs a non-empty --lr_grid")
-    args.lrs, args.pinned = _parse_lr(args.lr, args.methods, err)
-    if args.lr == DEFAULT_LR:
-        args.pinned = set()   # the defaults are a starting point: --sweep tunes every method
-    if any(s < 1 or s > args.steps for s in args.steps_curve):
-        err(f"--steps_curve values must lie in 1..--steps={args.steps}, got {args.steps_curve}")
+        _resolve_device(args)
+        _resolve_profile(args)
+        _check_methods(args)
+        _check_ranks(args)
+        _check_lists(args)
+        args.lrs, args.pinned = _parse_lr(args.lr)
+        if args.lr == DEFAULT_LR:
+            args.pinned = set()   # the defaults are a starting point: --sweep tunes every method
+        check_out_dir(args.out_dir)
+        _check_texts(args)
+    except BadFlag as e:
+        parser.error(str(e))
     if "stratified" in args.methods and args.batch_size < len(args.train_ranks):
-        print(f"note: batch {args.batch_size} < |S|={len(args.train_ranks)}: stratified trains a subset of ranks per step")
-
-    # data
-    if args.data is not None and args.dataset is not None:
-        err("give --data or --dataset, not both")
-    if args.data is not None:
-        if not os.path.isfile(args.data):
-            err(f"--data {args.data!r}: no such file")
-        if os.path.getsize(args.data) == 0:
-            err(f"--data {args.data!r} is empty")
-    if args.compile == "auto":
-        args.compile = "on" if args.device == "cuda" else "off"
+        print(f"note: batch {args.batch_size} < |S|={len(args.train_ranks)}: "
+              "stratified trains a subset of ranks per step")
     return args
 
 
-def _parse_lr(text: str, methods, err):
+def _resolve_device(args):
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise BadFlag("--device 'cuda' was asked for but torch sees no CUDA GPU (torch.cuda.is_available() is False)")
+    if args.device == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise BadFlag("--device 'mps' was asked for but MPS is not available")
+    bf16_ok = args.device == "cpu" or (args.device == "cuda" and torch.cuda.is_bf16_supported())
+    if args.autocast == "auto":
+        args.autocast = "bf16" if args.device == "cuda" and bf16_ok else "off"
+    if args.autocast == "bf16" and not bf16_ok:
+        raise BadFlag(f"--autocast 'bf16' is not supported on --device {args.device!r} here")
+    if args.compile == "auto":
+        args.compile = "on" if args.device == "cuda" else "off"
+
+
+def _resolve_profile(args):
+    """'auto' flags take the profile's value; --quick gets its own output folder."""
+    profile = PROFILES["quick" if args.quick else ("cuda" if args.device == "cuda" else "cpu")]
+    if args.finetune_data is not None and args.ft_chars != "auto":
+        raise BadFlag(f"--ft_chars {args.ft_chars} applies to the built-in corpus; "
+                      "--finetune_data uses its whole file")
+    for key, value in profile.items():
+        if getattr(args, key) == "auto":
+            setattr(args, key, value)
+    if args.out_dir is None:
+        args.out_dir = os.path.join("out", "quick") if args.quick else "out"
+
+
+def _check_methods(args):
+    names = list(ALL_METHODS) if args.methods.strip() == "all" else _csv(args.methods, "--methods")
+    unknown = [m for m in names if m not in ALL_METHODS]
+    if unknown:
+        raise BadFlag(f"unknown method {unknown[0]!r} in --methods; expected a comma list of "
+                      f"{', '.join(ALL_METHODS)}, or 'all'")
+    repeated = [m for i, m in enumerate(names) if m in names[:i]]
+    if repeated:
+        raise BadFlag(f"--methods {args.methods!r} lists {repeated[0]!r} twice")
+    args.methods = names
+    # '<method>+svd' rows: lora+svd is lora-svd; a per-rank LoRA is only used at its full rank
+    skip = {"lora-svd", "lora-per-rank"} | ({"lora"} if "lora-svd" in names else set())
+    args.svd_methods = [m for m in names if m not in skip] if args.svd else []
+
+
+def _check_ranks(args):
+    n_embd = mlora.PRESETS[args.preset]["n_embd"]
+    if args.rank > n_embd:
+        raise BadFlag(f"--rank {args.rank} is above the model width {n_embd} of preset {args.preset}")
+    for key in ("train_ranks", "eval_ranks"):
+        text = getattr(args, key)
+        if text == "auto":
+            ranks = mlora.default_train_ranks(args.rank)
+        else:
+            ranks = _csv_numbers(text, "--" + key, integer=True, minimum=1, strict=False)
+        bad = [k for k in ranks if k > args.rank]
+        if bad:
+            raise BadFlag(f"--{key} has rank {bad[0]}, outside 1..--rank={args.rank}")
+        setattr(args, key, sorted(ranks))
+
+
+def _check_lists(args):
+    """Seeds, the lr grid (checked with or without --sweep) and the steps curve."""
+    args.seeds = _csv_numbers(args.seed, "--seed", integer=True, minimum=0, strict=False)
+    args.lr_grid = _csv_numbers(args.lr_grid, "--lr_grid", integer=False, minimum=0, strict=True)
+    curve = args.steps_curve
+    args.steps_curve = [] if curve is None else sorted(_csv_numbers(curve, "--steps_curve", True, 1, False))
+    if any(s > args.steps for s in args.steps_curve):
+        raise BadFlag(f"--steps_curve {curve!r} has a step above --steps={args.steps}")
+
+
+def _parse_lr(text: str):
     """'3e-3' or 'lora=1e-3,matryoshka=3e-3[,3e-3]' -> ({method: lr}, methods given explicitly)."""
-    default, given = 3e-3, {}
-    for part in (t.strip() for t in text.split(",") if t.strip()):
+    default, given = None, {}
+    for part in _csv(text, "--lr"):
         name, eq, value = part.rpartition("=")
-        try:
-            lr = float(value)
-        except ValueError:
-            err(f"--lr: {value!r} is not a number (in {text!r})")
-        if not (lr > 0 and math.isfinite(lr)):
-            err(f"--lr must be positive, got {lr}")
+        lr = _number(value, f"--lr {part!r}:", integer=False, minimum=0, strict=True)
         if not eq:
+            if default is not None:
+                raise BadFlag(f"--lr {text!r} has two values for every method ({default:g} and {lr:g})")
             default = lr
         elif name not in ALL_METHODS:
-            err(f"--lr names unknown method {name!r}; expected one of {', '.join(ALL_METHODS)}")
+            raise BadFlag(f"--lr names unknown method {name!r}; expected one of {', '.join(ALL_METHODS)}")
+        elif name in given:
+            raise BadFlag(f"--lr {text!r} gives {name!r} twice")
         else:
             given[name] = lr
-    return {m: given.get(m, default) for m in ALL_METHODS}, set(given)
+    default = 3e-3 if default is None else default
+    lrs = {m: given.get(m, default) for m in ALL_METHODS}
+    lrs["lora-svd"] = given.get("lora-svd", lrs["lora"])   # by default the same lora run, SVD-ordered
+    return lrs, set(given)
+
+
+def check_out_dir(path: str):
+    """The output folder is a directory, or can be made as one, and can be written."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise BadFlag(f"--out_dir {path!r} is a file, not a directory")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):   # the nearest ancestor that exists must take a new folder
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise BadFlag(f"--out_dir {path!r} cannot be made: {existing!r} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise BadFlag(f"--out_dir {path!r} is not writable ({existing!r} does not allow writing)")
+
+
+def _check_texts(args):
+    """Data flags: files that exist and hold UTF-8 text long enough for every split."""
+    if args.data is not None and args.dataset is not None:
+        raise BadFlag(f"give --data or --dataset, not both (got --data {args.data!r} and --dataset {args.dataset!r})")
+    block = mlora.PRESETS[args.preset]["block_size"]
+    if args.data is not None:
+        check_split_lengths(len(read_text_file(args.data, "--data")), PRETRAIN_SPLIT, block, f"--data {args.data!r}")
+    if args.finetune_data is not None:
+        text = read_text_file(args.finetune_data, "--finetune_data")
+        check_split_lengths(len(text), FINETUNE_SPLIT, block, f"--finetune_data {args.finetune_data!r}")
+    else:
+        check_split_lengths(len(stdlib_text(args.ft_chars)[1]), FINETUNE_SPLIT, block, f"--ft_chars {args.ft_chars}")
 
 
 # -----------------------------------------------------------------------------
@@ -310,7 +434,7 @@ def _parse_lr(text: str, methods, err):
 class Corpora:
     pretrain_name: str          # where the pretraining text came from
     pretrain_text: str
-    finetune_files: List[str]   # the stdlib files, in order
+    finetune_files: List[str]   # the stdlib files in order, or the --finetune_data file
     finetune_text: str
     tokenizer: mlora.CharTokenizer
     pretrain: Dict[str, torch.Tensor]   # 'train', 'val' id tensors (int64)
@@ -344,6 +468,45 @@ def stdlib_text(max_chars: int):
     return files, "\n".join(parts)
 
 
+def read_text_file(path: str, flag: str) -> str:
+    """A user's text file, strictly UTF-8; anything else is a BadFlag naming the file."""
+    if not os.path.exists(path):
+        raise BadFlag(f"{flag} {path!r}: no such file")
+    if not os.path.isfile(path):
+        raise BadFlag(f"{flag} {path!r} is not a regular file")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise BadFlag(f"{flag} {path!r} cannot be read ({e.strerror})") from None
+    if not raw:
+        raise BadFlag(f"{flag} {path!r} is empty")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:   # a byte that is no character would become a silent U+FFFD
+        raise BadFlag(f"{flag} {path!r} is not UTF-8 text: byte 0x{raw[e.start]:02x} at offset {e.start}") from None
+    if "\x00" in text:
+        raise BadFlag(f"{flag} {path!r} holds NUL characters (offset {text.index(chr(0))}); is it a binary file?")
+    if not text.strip():
+        raise BadFlag(f"{flag} {path!r} holds only whitespace")
+    return text
+
+
+def split_sizes(n: int, fractions) -> List[int]:
+    """Lengths of the contiguous pieces split_ids cuts from n items."""
+    cuts = [0] + [int(n * sum(fractions[:i + 1])) for i in range(len(fractions) - 1)] + [n]
+    return [b - a for a, b in zip(cuts, cuts[1:])]
+
+
+def check_split_lengths(n_chars: int, fractions, block: int, what: str):
+    """Every split must hold a window of block + 1 characters (input and target)."""
+    sizes = split_sizes(n_chars, fractions)
+    if min(sizes) <= block + 1:
+        need = math.ceil((block + 2) / min(fractions)) + 1
+        raise BadFlag(f"{what}: {n_chars:,} characters split {list(fractions)} gives a {min(sizes)}-character "
+                      f"split, too short for block_size {block}; give at least {need:,} characters")
+
+
 def shakespeare_text(cache_dir: str) -> str:
     """tiny-shakespeare, downloaded once into cache_dir (only when --dataset shakespeare)."""
     path = os.path.join(cache_dir, "tinyshakespeare.txt")
@@ -370,25 +533,22 @@ def split_ids(ids: torch.Tensor, fractions) -> List[torch.Tensor]:
 def load_corpora(args) -> Corpora:
     """Both corpora, one char vocabulary covering them, and the splits."""
     if args.data is not None:
-        with open(args.data, encoding="utf-8", errors="replace") as f:
-            pre_text, pre_name = f.read(), os.path.abspath(args.data)
-        if not pre_text.strip():
-            raise SystemExit(f"--data {args.data!r} holds no text")
+        pre_text, pre_name = read_text_file(args.data, "--data"), os.path.abspath(args.data)
     elif args.dataset == "shakespeare":
         pre_text, pre_name = shakespeare_text(os.path.join(args.out_dir, "data")), "tiny-shakespeare"
     else:
         pre_text, pre_name = pydoc_text(), "pydoc_data.topics"
-    files, ft_text = stdlib_text(args.ft_chars)
+    if args.finetune_data is not None:
+        files, ft_text = [os.path.abspath(args.finetune_data)], read_text_file(args.finetune_data, "--finetune_data")
+    else:
+        files, ft_text = stdlib_text(args.ft_chars)
+    block = mlora.PRESETS[args.preset]["block_size"]
+    check_split_lengths(len(pre_text), PRETRAIN_SPLIT, block, pre_name)   # a downloaded text is first seen here
     tok = mlora.CharTokenizer(pre_text + ft_text)   # one vocabulary for both domains
     pre_ids = torch.tensor(tok.encode(pre_text), dtype=torch.long)
     ft_ids = torch.tensor(tok.encode(ft_text), dtype=torch.long)
-    block = mlora.PRESETS[args.preset]["block_size"]
-    pre = dict(zip(("train", "val"), split_ids(pre_ids, (0.95, 0.05))))
-    ft = dict(zip(("train", "val", "test"), split_ids(ft_ids, (0.8, 0.1, 0.1))))
-    for name, part in list(pre.items()) + list(ft.items()):
-        if len(part) <= block + 1:
-            raise SystemExit(f"a {name} split has {len(part)} characters, too few for block_size {block}; "
-                             "give a longer text")
+    pre = dict(zip(("train", "val"), split_ids(pre_ids, PRETRAIN_SPLIT)))
+    ft = dict(zip(("train", "val", "test"), split_ids(ft_ids, FINETUNE_SPLIT)))
     return Corpora(pre_name, pre_text, files, ft_text, tok, pre, ft)
 
 
@@ -427,7 +587,7 @@ class Runtime:
     device: torch.device
     rank: int = 0          # this process
     world: int = 1         # processes
-    autocast: bool = False
+    autocast: bool = False  # bf16 autocast of forwards (any device that supports it)
 
     @property
     def main(self) -> bool:
@@ -444,23 +604,28 @@ class Runtime:
 
 
 def setup_runtime(args) -> Runtime:
+    """Processes (torchrun sets WORLD_SIZE and RANK), the device, threads and autocast."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     device = torch.device(args.device)
-    if world > 1:
-        import torch.distributed as dist
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
-        if args.device == "cuda":
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            torch.cuda.set_device(local)
-            device = torch.device("cuda", local)
-    if args.device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = _cuda_setup(world)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    return Runtime(device, rank, world, autocast=args.device == "cuda" and torch.cuda.is_bf16_supported())
+    return Runtime(device, rank, world, autocast=args.autocast == "bf16")
+
+
+def _cuda_setup(world: int) -> torch.device:
+    """The only lines that need a GPU: this process's device, and TF32 matmuls."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    if world == 1:
+        return torch.device("cuda")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)
 
 
 def _atomic_save(obj, path: str):
@@ -478,15 +643,31 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _progress(total: int, desc: str, rt: Runtime):
-    from tqdm import tqdm   # only the bar needs it
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True,
-                disable=not rt.main or not sys.stderr.isatty())
+class Progress:
+    """A tqdm bar when stderr is a terminal; a line every fifth of the run when stdout is not
+    (a log file, CI), so a long run shows it is alive. Only the main process reports."""
+
+    def __init__(self, total: int, desc: str, rt: Runtime, start: int = 0):
+        from tqdm import tqdm   # only the bar needs it
+        self.total, self.desc, self.every = total, desc, max(1, total // 5)
+        self.lines = rt.main and not sys.stdout.isatty()
+        self.bar = tqdm(total=total, initial=start, desc=desc, leave=False, dynamic_ncols=True,
+                        disable=not rt.main or not sys.stderr.isatty())
+
+    def update(self, done: int, loss: float):
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.3f}")
+        if self.lines and done % self.every == 0:
+            print(f"  {self.desc} step {done}/{self.total}: loss {loss:.3f}", flush=True)
+
+    def close(self):
+        self.bar.close()
 
 
 def _maybe_compile(model: nn.Module, args, static: bool):
-    """torch.compile for static schedules on request; any failure falls back to eager."""
-    if args.compile != "on" or not static or not hasattr(torch, "compile"):
+    """torch.compile for static schedules on request (a DyLoRA / stratified draw changes every
+    step, which would recompile); a platform without compile support runs eagerly."""
+    if args.compile != "on" or not static:
         return model
     try:
         return torch.compile(model)
@@ -521,9 +702,29 @@ def pretrain_step_flops(model, tokens: int, block: int) -> int:
     return tokens * 3 * (f["base"] + f["attn"])
 
 
-def _width(schedule: mlora.Schedule, batch: int) -> int:
-    """The adapter width the current step computes (p trimmed to its last non-zero column)."""
-    return schedule.device_p(batch, torch.device("cpu"), torch.float64).shape[-1]
+def svd_flops(model, tokens: int, block: int) -> int:
+    """The post-hoc step of mlora.svd_reorder with calibration, per adapted layer (in, out, r):
+    calibration forwards at full rank; the input second moment X^T X, 2 * tokens * in^2; its
+    eigendecomposition, ~9 in^3 (tridiagonalisation, QR sweeps and vectors: the usual leading
+    term); A L, 2 r in^2; thin QRs of B and (A L)^T with their Q, 4 (out + in) r^2; the r x r
+    core product and SVD with both vectors, ~24 r^3; the new factors, 2 (out + in) r^2 + 2 r^3."""
+    layers = mlora.adapter_layers(model).values()
+    rank = max(m.rank for m in layers)
+    f = flops_per_token(model, block, rank)
+    total = tokens * (f["base"] + f["attn"] + f["adapter"])
+    for m in layers:
+        n_in, n_out, r = m.in_features, m.out_features, m.rank
+        total += 2 * tokens * n_in ** 2 + 9 * n_in ** 3 + 2 * r * n_in ** 2
+        total += 6 * (n_out + n_in) * r ** 2 + 26 * r ** 3
+    return total
+
+
+def _width(schedule: mlora.Schedule, batch: int, model: nn.Module) -> int:
+    """The adapter width this step computed: p trimmed to its last non-zero column, read from
+    the schedule's cache entry for the adapters' own device and dtype (the one the forward
+    filled), so no second per-device copy of p is made."""
+    A = next(iter(mlora.adapter_layers(model).values())).lora_A
+    return schedule.device_p(batch, A.device, A.dtype).shape[-1]
 
 
 # -----------------------------------------------------------------------------
@@ -538,6 +739,8 @@ def base_checkpoint_path(args, corpora: Corpora) -> str:
     key = dict(config=dataclasses.asdict(_model_config(args, corpora)), chars=corpora.tokenizer.chars,
                text=hashlib.sha256(corpora.pretrain_text.encode()).hexdigest(),
                steps=args.pretrain_steps, batch=args.pretrain_batch, lr=args.pretrain_lr, seed=BASE_SEED)
+    if args.autocast != "off":   # a bf16-pretrained base is another model (fp32 names stay as they were)
+        key["autocast"] = args.autocast
     return os.path.join(args.out_dir, f"base_{_hash(key)}.pt")
 
 
@@ -554,36 +757,11 @@ def pretrain(args, corpora: Corpora, rt: Runtime) -> str:
     if rt.main:
         print(f"pretraining a {model.num_params() / 1e6:.2f}M-parameter char GPT ({args.preset}) on "
               f"{corpora.pretrain_name} ({len(corpora.pretrain_text):,} chars) for {args.pretrain_steps} steps")
-    fused = rt.device.type == "cuda"
-    opt = torch.optim.AdamW(model.parameters(), lr=args.pretrain_lr, betas=(0.9, 0.99),
-                            weight_decay=0.1, **({"fused": True} if fused else {}))
-    train = _maybe_compile(model, args, static=True)
-    if rt.world > 1:
-        train = nn.parallel.DistributedDataParallel(train)
-    block, data = config.block_size, corpora.pretrain["train"]
-    warmup = max(1, args.pretrain_steps // 20)
-    t0, bar = time.time(), _progress(args.pretrain_steps, "pretrain", rt)
-    model.train()
-    for step in range(args.pretrain_steps):
-        # linear warmup, then cosine decay to a tenth of the peak
-        frac = (step - warmup) / max(1, args.pretrain_steps - warmup)
-        lr = args.pretrain_lr * ((step + 1) / warmup if step < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        x, y = get_batch(data, args.pretrain_batch, block, BASE_SEED, step, rt.rank, rt.device)
-        with rt.amp():
-            _, loss = train(x, y)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if bar.disable and rt.main and (step + 1) % max(1, args.pretrain_steps // 5) == 0:
-            print(f"  pretrain step {step + 1}/{args.pretrain_steps}: loss {loss.item():.3f}", flush=True)
-    bar.close()
+    t0 = time.time()
+    _pretrain_loop(model, args, corpora.pretrain["train"], rt)
     seconds = time.time() - t0
     model.eval()
+    block = config.block_size
     val_loss, val_acc = _eval_plain(model, corpora.pretrain["val"], args.eval_blocks, block, rt)
     flops = args.pretrain_steps * pretrain_step_flops(model, args.pretrain_batch * block * rt.world, block)
     info = dict(corpus=corpora.pretrain_name, steps=args.pretrain_steps, seconds=seconds, val_loss=val_loss,
@@ -597,24 +775,38 @@ def pretrain(args, corpora: Corpora, rt: Runtime) -> str:
     return path
 
 
+def _pretrain_loop(model: mlora.GPT, args, data: torch.Tensor, rt: Runtime):
+    """AdamW with linear warmup, then cosine decay to a tenth of the peak."""
+    fused = {"fused": True} if rt.device.type == "cuda" else {}   # the fused kernel: CUDA only here
+    opt = torch.optim.AdamW(model.parameters(), lr=args.pretrain_lr, betas=(0.9, 0.99), weight_decay=0.1, **fused)
+    train = _maybe_compile(model, args, static=True)
+    if rt.world > 1:
+        train = nn.parallel.DistributedDataParallel(train)
+    block, steps = model.config.block_size, args.pretrain_steps
+    warmup = max(1, steps // 20)
+    progress = Progress(steps, "pretrain", rt)
+    model.train()
+    for step in range(steps):
+        frac = (step - warmup) / max(1, steps - warmup)
+        lr = args.pretrain_lr * ((step + 1) / warmup if step < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x, y = get_batch(data, args.pretrain_batch, block, BASE_SEED, step, rt.rank, rt.device)
+        with rt.amp():
+            _, loss = train(x, y)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        progress.update(step + 1, loss.item())
+    progress.close()
+
+
 def load_base(path: str, device="cpu"):
     """(model, tokenizer) from a base checkpoint, or from an out_dir (the base its results.json
     names, else the newest base_*.pt there). Dropout is set to 0 (fine-tuning and evaluation)."""
     if os.path.isdir(path):
-        results = os.path.join(path, "results.json")
-        found = None
-        if os.path.isfile(results):
-            with open(results) as f:
-                name = json.load(f).get("config", {}).get("base_checkpoint")
-            if name and os.path.isfile(os.path.join(path, name)):
-                found = os.path.join(path, name)
-        if found is None:
-            bases = sorted((f for f in os.listdir(path) if f.startswith("base_") and f.endswith(".pt")),
-                           key=lambda f: os.path.getmtime(os.path.join(path, f)))
-            if not bases:
-                raise FileNotFoundError(f"no base_*.pt checkpoint in {path!r}; run train_toy.py first")
-            found = os.path.join(path, bases[-1])
-        path = found
+        path = _find_base(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no base checkpoint at {path!r}")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -622,6 +814,20 @@ def load_base(path: str, device="cpu"):
     model = mlora.GPT(config)
     model.load_state_dict(ckpt["state"])
     return model.to(device).eval(), mlora.CharTokenizer(ckpt["chars"])
+
+
+def _find_base(out_dir: str) -> str:
+    results = os.path.join(out_dir, "results.json")
+    if os.path.isfile(results):
+        with open(results) as f:
+            name = json.load(f).get("config", {}).get("base_checkpoint")
+        if name and os.path.isfile(os.path.join(out_dir, name)):
+            return os.path.join(out_dir, name)
+    bases = sorted((f for f in os.listdir(out_dir) if f.startswith("base_") and f.endswith(".pt")),
+                   key=lambda f: os.path.getmtime(os.path.join(out_dir, f)))
+    if not bases:
+        raise FileNotFoundError(f"no base_*.pt checkpoint in {out_dir!r}; run train_toy.py first")
+    return os.path.join(out_dir, bases[-1])
 
 
 def adapter_path(out_dir: str, method: str, seed: int, rank: Optional[int] = None) -> str:
@@ -640,7 +846,12 @@ def load_finetuned(out_dir: str, method: str, seed: int = 0, rank: Optional[int]
     path = adapter_path(out_dir, method, seed, rank)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no adapter at {path!r}; was {method!r} trained with seed {seed}?")
-    model, tok = load_base(out_dir)
+    return load_adapter_file(out_dir, path, device)
+
+
+def load_adapter_file(base: str, path: str, device="cpu"):
+    """(model, tokenizer): the base (a checkpoint or out_dir) with the adapter file at path."""
+    model, tok = load_base(base)
     config = torch.load(path, map_location="cpu", weights_only=True)["config"]
     options = {k: v for k, v in config.items() if k not in ("method", "rank", "train_ranks", "scaling", "alpha")}
     mlora.inject(model, list(TARGETS), config["rank"], method=config["method"],
@@ -654,7 +865,7 @@ def load_finetuned(out_dir: str, method: str, seed: int = 0, rank: Optional[int]
 
 
 @torch.no_grad()
-def _eval_windows(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rt: Runtime, batch: int = 32):
+def _eval_windows(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rt: Runtime, batch: int = EVAL_BATCH):
     """(mean next-char loss, accuracy) over windows x, y (N, T)."""
     total_loss, correct, count = 0.0, 0, 0
     for i in range(0, len(x), batch):
@@ -687,8 +898,77 @@ def evaluate_at_ranks(model: nn.Module, windows, ranks, rt: Runtime) -> Dict[str
     return dict(loss=[p[0] for p in pairs], acc=[p[1] for p in pairs])
 
 
+def evaluate_splits(ctx: "Context", model: nn.Module, ranks) -> dict:
+    """Per-rank accuracy and loss on the fine-tuning val split (for the sweep) and test split."""
+    args, block = ctx.args, model.config.block_size
+    val = evaluate_at_ranks(model, eval_windows(ctx.corpora.finetune["val"], args.eval_blocks, block), ranks, ctx.rt)
+    test = evaluate_at_ranks(model, eval_windows(ctx.corpora.finetune["test"], args.eval_blocks, block), ranks, ctx.rt)
+    return dict(val_acc=val["acc"], val_loss=val["loss"], acc=test["acc"], loss=test["loss"])
+
+
 # -----------------------------------------------------------------------------
 # fine-tuning one adapter (resumable)
+
+
+@dataclasses.dataclass
+class Context:
+    """What the runs of one call of main share, passed explicitly (no module state)."""
+    args: argparse.Namespace
+    corpora: Corpora
+    rt: Runtime
+    base_path: str
+    finished: set = dataclasses.field(default_factory=set)   # job keys done in this call: never run twice
+    data_key: str = dataclasses.field(init=False)            # names the fine-tuning text in job keys
+
+    def __post_init__(self):
+        self.data_key = hashlib.sha256(self.corpora.finetune_text.encode()).hexdigest()[:12]
+
+
+@dataclasses.dataclass
+class Job:
+    """Everything one fine-tuning run depends on; its key (a hash) names its files."""
+    method: str           # the trained method: lora-svd trains 'lora'
+    seed: int
+    lr: float
+    rank: int
+    eval_ranks: List[int]
+    train_ranks: List[int]
+    tag: str
+    files: str            # path prefix of its checkpoint files
+
+    @property
+    def key(self) -> str:
+        return self.files.rpartition("_")[2]
+
+    state_path = property(lambda self: self.files + ".pt")             # resume checkpoint
+    done_path = property(lambda self: self.files + ".json")            # result of a finished run
+    adapter_path = property(lambda self: self.files + "_adapter.pt")
+    svd_done_path = property(lambda self: self.files + "_svd.json")    # the SVD-ordered result
+    svd_adapter_path = property(lambda self: self.files + "_svd_adapter.pt")
+
+
+def make_job(ctx: Context, method: str, seed: int, lr: float, rank: int, eval_ranks) -> Job:
+    args = ctx.args
+    train_ranks = [k for k in args.train_ranks if k <= rank]
+    key = _hash(dict(base=os.path.basename(ctx.base_path), data=ctx.data_key, method=method, seed=seed, lr=lr,
+                     rank=rank, train_ranks=train_ranks, eval_ranks=list(eval_ranks), steps=args.steps,
+                     batch=args.batch_size, scaling=args.scaling, alpha=args.alpha,
+                     normalize=args.matryoshka_normalize, clip=args.grad_clip, curve=args.steps_curve,
+                     eval_blocks=args.eval_blocks, autocast=args.autocast))
+    tag = f"{method}{rank if method == 'lora-per-rank' else ''}_seed{seed}_lr{lr:g}"
+    return Job(method, seed, lr, rank, list(eval_ranks), train_ranks, tag,
+               os.path.join(args.out_dir, "ckpt", f"{tag}_{key}"))
+
+
+@dataclasses.dataclass
+class TrainState:
+    """The resumable counters of a run (saved in its checkpoint with the tensors)."""
+    step: int = 0
+    seconds: float = 0.0
+    flops: int = 0
+    curve: list = dataclasses.field(default_factory=list)    # intermediate test evaluations
+    losses: list = dataclasses.field(default_factory=list)   # training loss per step
+    draws: list = dataclasses.field(default_factory=list)    # adapter width per step
 
 
 def _inject_options(method: str, args) -> dict:
@@ -705,148 +985,190 @@ def _inject_options(method: str, args) -> dict:
     return dict(method=method)
 
 
-class Job:
-    """Everything one fine-tuning run depends on; its hash names its checkpoint files."""
-
-    def __init__(self, args, base_path: str, method: str, seed: int, lr: float, rank: int, eval_ranks):
-        self.method, self.seed, self.lr, self.rank = method, seed, lr, rank
-        self.eval_ranks = list(eval_ranks)
-        self.train_ranks = [k for k in args.train_ranks if k <= rank]
-        self.key = _hash(dict(base=os.path.basename(base_path), method=method, seed=seed, lr=lr, rank=rank,
-                              train_ranks=self.train_ranks, eval_ranks=self.eval_ranks, steps=args.steps,
-                              batch=args.batch_size, scaling=args.scaling, alpha=args.alpha,
-                              normalize=args.matryoshka_normalize, clip=args.grad_clip,
-                              curve=args.steps_curve, ft_chars=args.ft_chars, eval_blocks=args.eval_blocks))
-        tag = f"{method}{rank if method == 'lora-per-rank' else ''}_seed{seed}_lr{lr:g}"
-        self.tag = tag
-        ckpt_dir = os.path.join(args.out_dir, "ckpt")
-        self.state_path = os.path.join(ckpt_dir, f"{tag}_{self.key}.pt")
-        self.done_path = os.path.join(ckpt_dir, f"{tag}_{self.key}.json")
-        self.adapter_path = os.path.join(ckpt_dir, f"{tag}_{self.key}_adapter.pt")
+def _read_done(ctx: Context, key: str, done_path: str, adapter: str) -> Optional[dict]:
+    """The saved result of a finished job, when --resume or this call may reuse it."""
+    if (ctx.args.resume or key in ctx.finished) and os.path.isfile(done_path) and os.path.isfile(adapter):
+        with open(done_path) as f:
+            return json.load(f)
+    return None
 
 
-_steps_done_in_process = 0   # for the hidden --_stop_after testing hook
-_finished = set()             # job keys trained by this process (a sweep's best run is not retrained)
-
-
-def finetune(args, job: Job, corpora: Corpora, base_path: str, rt: Runtime) -> dict:
+def finetune(ctx: Context, job: Job) -> dict:
     """Train one adapter and evaluate it on val and test at job.eval_ranks.
 
     With --resume, a finished job is read back and an unfinished one continues
     from its last checkpoint. Randomness (data windows, schedule draws) is keyed
     by (seed, step), so the checkpointed step counter restores the stream.
     """
-    global _steps_done_in_process
     os.makedirs(os.path.dirname(job.state_path), exist_ok=True)
-    if (args.resume or job.key in _finished) and os.path.isfile(job.done_path) and os.path.isfile(job.adapter_path):
-        with open(job.done_path) as f:
-            return json.load(f)
-
-    model, _ = load_base(base_path, rt.device)
+    done = _read_done(ctx, job.key, job.done_path, job.adapter_path)
+    if done is not None:
+        return done
+    model, _ = load_base(ctx.base_path, ctx.rt.device)
     torch.manual_seed(job.seed)   # adapter init: the same A for every method at a seed
-    opts = _inject_options(job.method, args)
-    mlora.inject(model, list(TARGETS), job.rank, train_ranks=job.train_ranks, scaling=args.scaling,
-                 alpha=args.alpha, seed=job.seed, **opts)
-    schedule = mlora.get_schedule(model)
+    mlora.inject(model, list(TARGETS), job.rank, train_ranks=job.train_ranks, scaling=ctx.args.scaling,
+                 alpha=ctx.args.alpha, seed=job.seed, **_inject_options(job.method, ctx.args))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=job.lr, betas=(0.9, 0.999), weight_decay=0.0)
-    block, B = model.config.block_size, args.batch_size
-    val_windows = eval_windows(corpora.finetune["val"], args.eval_blocks, block)
-    test_windows = eval_windows(corpora.finetune["test"], args.eval_blocks, block)
+    state = _restore(ctx, job, model, opt)
+    _train(ctx, job, model, opt, state)
+    result = _finish(ctx, job, model, state)
+    ctx.finished.add(job.key)
+    ctx.rt.barrier()
+    return result
 
-    start, seconds, flops, curve, losses, draws = 0, 0.0, 0, [], [], []
-    if args.resume and os.path.isfile(job.state_path):
-        state = torch.load(job.state_path, map_location="cpu", weights_only=False)
-        mlora.load_adapter_state_dict(model, state["adapter"])
-        opt.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        torch.set_rng_state(state["torch_rng"])
-        start, seconds, flops = state["step"], state["seconds"], state["flops"]
-        curve, losses, draws = state["curve"], state["losses"], state["draws"]
-        if rt.main:
-            print(f"  resuming {job.tag} at step {start}")
 
-    nested = job.method == "nested"
-    static = job.method in ("lora", "lora-per-rank", "matryoshka", "matryoshka-mean")
+def _restore(ctx: Context, job: Job, model: nn.Module, opt) -> TrainState:
+    """A fresh state, or with --resume the one in job's checkpoint (tensors loaded into model, opt)."""
+    if not (ctx.args.resume and os.path.isfile(job.state_path)):
+        return TrainState()
+    saved = torch.load(job.state_path, map_location="cpu", weights_only=False)
+    mlora.load_adapter_state_dict(model, saved["adapter"])
+    opt.load_state_dict(saved["optimizer"])
+    mlora.get_schedule(model).load_state_dict(saved["schedule"])
+    torch.set_rng_state(saved["torch_rng"])
+    if ctx.rt.main:
+        print(f"  resuming {job.tag} at step {saved['step']}")
+    return TrainState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainState)})
+
+
+def _train(ctx: Context, job: Job, model: nn.Module, opt, state: TrainState):
+    """Steps state.step .. --steps: warmup then a constant rate, curve points, checkpoints."""
+    args, rt = ctx.args, ctx.rt
+    static = job.method in STATIC_METHODS
+    if static and args.compile == "on":   # fill p's cache first: its trimming (nonzero) would split the graph
+        _width(mlora.get_schedule(model), args.batch_size, model)
     train = _maybe_compile(model, args, static)
-    ddp = None
     if rt.world > 1:
-        ddp = train = nn.parallel.DistributedDataParallel(train)
+        train = nn.parallel.DistributedDataParallel(train)
+    step_fn = _nested_step if job.method == "nested" else _schedule_step
+    block, params = model.config.block_size, opt.param_groups[0]["params"]
+    test_windows = eval_windows(ctx.corpora.finetune["test"], args.eval_blocks, block)
+    progress = Progress(args.steps, job.tag, rt, start=state.step)
     model.train()
-    bar = _progress(args.steps, job.tag, rt)
-    bar.update(start)
-    for step in range(start, args.steps):
+    for step in range(state.step, args.steps):
         t0 = time.time()
-        lr = job.lr * min(1.0, (step + 1) / WARMUP_STEPS)   # warmup, then constant
         for g in opt.param_groups:
-            g["lr"] = lr
-        x, y = get_batch(corpora.finetune["train"], B, block, job.seed, step, rt.rank, rt.device)
-        if nested:
-            # the exact objective: mean over S of the loss at each rank, one forward+backward each
-            total = 0.0
-            for i, k in enumerate(job.train_ranks):
-                mlora.set_rank(model, k)
-                last = i == len(job.train_ranks) - 1
-                with (ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext()):
-                    with rt.amp():
-                        _, loss = train(x, y)
-                    (loss / len(job.train_ranks)).backward()
-                total += loss.item() / len(job.train_ranks)
-                flops += finetune_step_flops(model, B * block * rt.world, block, k)
-            mlora.set_rank(model, None)
-        else:
-            with rt.amp():
-                _, loss = train(x, y)
-            loss.backward()
-            total = loss.item()
-            width = _width(schedule, B)
-            draws.append(width)
-            flops += finetune_step_flops(model, B * block * rt.world, block, width)
+            g["lr"] = job.lr * min(1.0, (step + 1) / WARMUP_STEPS)   # warmup, then constant
+        x, y = get_batch(ctx.corpora.finetune["train"], args.batch_size, block, job.seed, step, rt.rank, rt.device)
+        loss, flops = step_fn(job, model, train, x, y, state, rt)
         if args.grad_clip > 0:
             nn.utils.clip_grad_norm_(params, args.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        seconds += time.time() - t0
-        losses.append(total)
-        bar.update(1)
-        bar.set_postfix(loss=f"{total:.3f}")
-        done = step + 1
-        if done in args.steps_curve and done < args.steps and rt.main:
-            res = evaluate_at_ranks(model, test_windows, job.eval_ranks, rt)
-            curve.append(dict(step=done, acc=res["acc"], loss=res["loss"], train_flops=flops))
-        if done % args.ckpt_every == 0 and done < args.steps and rt.main:
-            _atomic_save(dict(adapter=mlora.adapter_state_dict(model), optimizer=opt.state_dict(),
-                              schedule=schedule.state_dict(), torch_rng=torch.get_rng_state(), step=done,
-                              seconds=seconds, flops=flops, curve=curve, losses=losses, draws=draws),
-                         job.state_path)
-        _steps_done_in_process += 1
-        if args._stop_after and _steps_done_in_process >= args._stop_after:
-            os._exit(3)   # abrupt, like a kill: nothing flushed, no cleanup
-    bar.close()
+        state.seconds += time.time() - t0
+        state.step, state.flops = step + 1, state.flops + flops
+        state.losses.append(loss)
+        progress.update(state.step, loss)
+        if rt.main and state.step < args.steps:
+            _curve_and_checkpoint(ctx, job, model, opt, state, test_windows)
+    progress.close()
 
+
+def _schedule_step(job: Job, model: nn.Module, train: nn.Module, x, y, state: TrainState, rt: Runtime):
+    """One forward+backward with p from the schedule -> (loss, FLOPs at the width computed)."""
+    with rt.amp():
+        _, loss = train(x, y)
+    loss.backward()
+    width = _width(mlora.get_schedule(model), x.shape[0], model)
+    state.draws.append(width)
+    return loss.item(), finetune_step_flops(model, x.numel() * rt.world, x.shape[1], width)
+
+
+def _nested_step(job: Job, model: nn.Module, train: nn.Module, x, y, state: TrainState, rt: Runtime):
+    """The exact objective: mean over S of the loss at each rank, one forward+backward each."""
+    n, total, flops = len(job.train_ranks), 0.0, 0
+    for i, k in enumerate(job.train_ranks):
+        mlora.set_rank(model, k)
+        # DDP: reduce the gradients once, after the last rank's backward
+        accumulate = rt.world > 1 and i < n - 1
+        with (train.no_sync() if accumulate else contextlib.nullcontext()):
+            with rt.amp():
+                _, loss = train(x, y)
+            (loss / n).backward()
+        total += loss.item() / n
+        flops += finetune_step_flops(model, x.numel() * rt.world, x.shape[1], k)
+    mlora.set_rank(model, None)
+    return total, flops
+
+
+def _curve_and_checkpoint(ctx: Context, job: Job, model: nn.Module, opt, state: TrainState, test_windows):
+    """A test evaluation at a --steps_curve step; a resume checkpoint every --ckpt_every steps."""
+    if state.step in ctx.args.steps_curve:
+        res = evaluate_at_ranks(model, test_windows, job.eval_ranks, ctx.rt)
+        state.curve.append(dict(step=state.step, acc=res["acc"], loss=res["loss"], train_flops=state.flops))
+    if state.step % ctx.args.ckpt_every == 0:
+        _atomic_save(dict(adapter=mlora.adapter_state_dict(model), optimizer=opt.state_dict(),
+                          schedule=mlora.get_schedule(model).state_dict(), torch_rng=torch.get_rng_state(),
+                          **dataclasses.asdict(state)), job.state_path)
+
+
+def _finish(ctx: Context, job: Job, model: nn.Module, state: TrainState) -> dict:
+    """Check the DDP draws, evaluate val and test (main process), save the adapter and result."""
+    args, rt = ctx.args, ctx.rt
     result = dict(method=job.method, seed=job.seed, lr=job.lr, rank=job.rank, steps=args.steps,
-                  train_seconds=seconds, train_flops=flops, final_train_loss=losses[-1] if losses else None)
+                  train_seconds=state.seconds, train_flops=state.flops,
+                  final_train_loss=state.losses[-1] if state.losses else None)
     if rt.world > 1:
-        # the DyLoRA / stratified draw must be identical on every process
-        mine = _hash(dict(step=schedule.step, draws=draws))
-        gathered = [None] * rt.world
-        torch.distributed.all_gather_object(gathered, mine)
-        result["draws_match_across_processes"] = len(set(gathered)) == 1
-        if not result["draws_match_across_processes"]:
-            raise RuntimeError(f"{job.tag}: processes drew different ranks ({gathered})")
+        result["draws_match_across_processes"] = _draws_match(job, model, state, rt)
     if rt.main:
-        val = evaluate_at_ranks(model, val_windows, job.eval_ranks, rt)
-        test = evaluate_at_ranks(model, test_windows, job.eval_ranks, rt)
-        curve.append(dict(step=args.steps, acc=test["acc"], loss=test["loss"], train_flops=flops))
-        result.update(val_acc=val["acc"], val_loss=val["loss"], acc=test["acc"], loss=test["loss"],
-                      curve=curve if args.steps_curve else [],
-                      loss_history=[round(v, 4) for v in losses[:: max(1, len(losses) // 100)]])
+        splits = evaluate_splits(ctx, model, job.eval_ranks)
+        state.curve.append(dict(step=args.steps, acc=splits["acc"], loss=splits["loss"], train_flops=state.flops))
+        result.update(splits, curve=state.curve if args.steps_curve else [],
+                      loss_history=[round(v, 4) for v in state.losses[:: max(1, len(state.losses) // 100)]])
         mlora.save_adapter(model, job.adapter_path)
         _atomic_write_text(job.done_path, json.dumps(result))
         if os.path.isfile(job.state_path):
             os.remove(job.state_path)
-    _finished.add(job.key)
-    rt.barrier()
+    return result
+
+
+def _draws_match(job: Job, model: nn.Module, state: TrainState, rt: Runtime) -> bool:
+    """The DyLoRA / stratified draws must be identical on every process."""
+    mine = _hash(dict(step=mlora.get_schedule(model).step, draws=state.draws))
+    gathered = [None] * rt.world
+    torch.distributed.all_gather_object(gathered, mine)
+    if len(set(gathered)) != 1:
+        raise RuntimeError(f"{job.tag}: processes drew different ranks ({gathered})")
+    return True
+
+
+# -----------------------------------------------------------------------------
+# the post-hoc SVD ordering (lora-svd, --svd)
+
+
+@torch.no_grad()
+def _forward_windows(model: nn.Module, windows, rt: Runtime):
+    """Forwards over windows (N, T) in batches; the outputs are not needed (calibration)."""
+    x = windows[0]
+    for i in range(0, len(x), EVAL_BATCH):
+        with rt.amp():
+            model(x[i:i + EVAL_BATCH].to(rt.device))
+
+
+def svd_ordered(ctx: Context, job: Job, name: str) -> dict:
+    """job's trained adapter re-ordered by mlora.svd_reorder, evaluated at job.eval_ranks.
+
+    Calibration runs eval_blocks windows of the fine-tuning *training* split (val and test
+    stay held out) through the full-rank adapter. posthoc_seconds and posthoc_flops count the
+    calibration and the re-ordering; the evaluation after it is every method's. The training
+    run is reused: read back when this call (or, with --resume, an earlier one) trained it.
+    """
+    trained = finetune(ctx, job)
+    done = _read_done(ctx, job.key + "+svd", job.svd_done_path, job.svd_adapter_path)
+    if done is not None or not ctx.rt.main:
+        return dict(done, method=name) if done else {}
+    model, _ = load_adapter_file(ctx.base_path, job.adapter_path, ctx.rt.device)
+    calib = eval_windows(ctx.corpora.finetune["train"], ctx.args.eval_blocks, model.config.block_size)
+    t0 = time.time()
+    mlora.svd_reorder(model, calibrate=lambda: _forward_windows(model, calib, ctx.rt))   # runs them at full rank
+    seconds = time.time() - t0
+    result = dict(trained, method=name, posthoc_seconds=seconds, curve=[],   # the curve was of the trained order
+                  posthoc_flops=svd_flops(model, calib[0].numel(), model.config.block_size))
+    result.update(evaluate_splits(ctx, model, job.eval_ranks))
+    mlora.save_adapter(model, job.svd_adapter_path)
+    _atomic_write_text(job.svd_done_path, json.dumps(result))
+    ctx.finished.add(job.key + "+svd")
     return result
 
 
@@ -854,29 +1176,40 @@ def finetune(args, job: Job, corpora: Corpora, base_path: str, rt: Runtime) -> d
 # methods, sweeps, seeds
 
 
-def run_method(args, method: str, seed: int, lr, corpora, base_path, rt) -> dict:
-    """One method at one seed: a dict with per-rank acc/loss on val and test, seconds, FLOPs.
+def method_jobs(ctx: Context, method: str, seed: int, lr) -> List[Job]:
+    """The training runs behind one method at one seed (lr: a float, or {rank: lr} for lora-per-rank)."""
+    args = ctx.args
+    if method == "lora-per-rank":   # one LoRA per eval rank, each its own job
+        return [make_job(ctx, method, seed, lr[k] if isinstance(lr, dict) else lr, k, [k]) for k in args.eval_ranks]
+    trained = "lora" if method == "lora-svd" else method
+    return [make_job(ctx, trained, seed, lr, args.rank, args.eval_ranks)]
 
-    lr: a float, or for lora-per-rank a {rank: lr} dict."""
+
+def run_method(ctx: Context, method: str, seed: int, lr) -> dict:
+    """One method at one seed: a dict with per-rank acc/loss on val and test, seconds, FLOPs."""
+    jobs = method_jobs(ctx, method, seed, lr)
+    if method == "lora-svd":
+        return svd_ordered(ctx, jobs[0], method)
     if method != "lora-per-rank":
-        return finetune(args, Job(args, base_path, method, seed, lr, args.rank, args.eval_ranks), corpora, base_path, rt)
-    parts = []
-    for k in args.eval_ranks:
-        k_lr = lr[k] if isinstance(lr, dict) else lr
-        parts.append(finetune(args, Job(args, base_path, method, seed, k_lr, k, [k]), corpora, base_path, rt))
-    if not rt.main:
-        return {}
-    merged = dict(method=method, seed=seed, lr=[p["lr"] for p in parts], rank=args.eval_ranks, steps=args.steps,
-                  train_seconds=sum(p["train_seconds"] for p in parts),
+        return finetune(ctx, jobs[0])
+    parts = [finetune(ctx, job) for job in jobs]
+    return _join_per_rank(ctx, parts, seed) if ctx.rt.main else {}
+
+
+def _join_per_rank(ctx: Context, parts: List[dict], seed: int) -> dict:
+    """lora-per-rank's runs, one per rank, as one method's result."""
+    args = ctx.args
+    joined = dict(method="lora-per-rank", seed=seed, lr=[p["lr"] for p in parts], rank=args.eval_ranks,
+                  steps=args.steps, train_seconds=sum(p["train_seconds"] for p in parts),
                   train_flops=sum(p["train_flops"] for p in parts))
     for key in ("acc", "loss", "val_acc", "val_loss"):
-        merged[key] = [p[key][0] for p in parts]
+        joined[key] = [p[key][0] for p in parts]
     if args.steps_curve:
-        merged["curve"] = [dict(step=c0["step"], acc=[p["curve"][i]["acc"][0] for p in parts],
+        joined["curve"] = [dict(step=c0["step"], acc=[p["curve"][i]["acc"][0] for p in parts],
                                 loss=[p["curve"][i]["loss"][0] for p in parts],
                                 train_flops=sum(p["curve"][i]["train_flops"] for p in parts))
                            for i, c0 in enumerate(parts[0]["curve"])]
-    return merged
+    return joined
 
 
 def _score(result: dict, ranks) -> tuple:
@@ -884,103 +1217,154 @@ def _score(result: dict, ranks) -> tuple:
     return (mlora.aurac(ranks, result["val_acc"], "log2"), -sum(result["val_loss"]) / len(result["val_loss"]))
 
 
-def sweep(args, method: str, seed: int, corpora, base_path, rt):
-    """Train at every lr of the grid; returns (best lr, the best run, the table of val scores)."""
-    if method == "lora-per-rank":   # the oracle: tune each rank on its own
-        best_lr, best_parts, table = {}, [], {}
+def sweep(ctx: Context, method: str, seed: int):
+    """Train at every lr of the grid; returns (best lr, the table of val scores). Each method is
+    scored by its own final metric (lora-svd by its SVD-ordered prefixes)."""
+    args, grid = ctx.args, ctx.args.lr_grid
+    if method == "lora-per-rank":   # tune each rank on its own
+        best_lr, table = {}, {}
         for k in args.eval_ranks:
-            runs = {lr: finetune(args, Job(args, base_path, method, seed, lr, k, [k]), corpora, base_path, rt)
-                    for lr in args.lr_grid}
-            if rt.main:
-                table[k] = {f"{lr:g}": runs[lr]["val_acc"][0] for lr in args.lr_grid}
-                best_lr[k] = max(args.lr_grid, key=lambda lr: _score(runs[lr], [k]))
+            runs = {lr: finetune(ctx, make_job(ctx, method, seed, lr, k, [k])) for lr in grid}
+            if ctx.rt.main:
+                table[k] = {f"{lr:g}": runs[lr]["val_acc"][0] for lr in grid}
+                best_lr[k] = max(grid, key=lambda lr: _score(runs[lr], [k]))
         return best_lr, table
-    runs = {lr: finetune(args, Job(args, base_path, method, seed, lr, args.rank, args.eval_ranks), corpora, base_path, rt)
-            for lr in args.lr_grid}
-    if not rt.main:
+    runs = {lr: run_method(ctx, method, seed, lr) for lr in grid}
+    if not ctx.rt.main:
         return None, {}
     table = {f"{lr:g}": dict(val_aurac_log2=_score(runs[lr], args.eval_ranks)[0],
-                             val_mean_loss=-_score(runs[lr], args.eval_ranks)[1]) for lr in args.lr_grid}
-    return max(args.lr_grid, key=lambda lr: _score(runs[lr], args.eval_ranks)), table
+                             val_mean_loss=-_score(runs[lr], args.eval_ranks)[1]) for lr in grid}
+    return max(grid, key=lambda lr: _score(runs[lr], args.eval_ranks)), table
 
 
-def _publish_adapter(args, result: dict, job_paths: List[str], method: str, seed: int):
-    """Copy the finished adapter(s) to their documented names in out_dir."""
-    ranks = args.eval_ranks if method == "lora-per-rank" else [None]
-    for src, k in zip(job_paths, ranks):
-        mlora.atomic_write(adapter_path(args.out_dir, method, seed, k), lambda tmp: shutil.copyfile(src, tmp))
+def _choose_lr(ctx: Context, method: str, seed: int):
+    """Sweep one method on the first seed; every process gets the main process's pick."""
+    if ctx.rt.main:
+        print(f"sweeping {method} over lr {ctx.args.lr_grid} (seed {seed}, val split)")
+    best, table = sweep(ctx, method, seed)
+    if ctx.rt.world > 1:   # only rank 0 evaluated; everyone must train at its choice
+        shared = [best]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        best = shared[0]
+    if ctx.rt.main:
+        print(f"  best lr for {method}: {best}")
+    return best, table
 
 
-def _job_adapter_paths(args, method, seed, lr, base_path) -> List[str]:
-    if method == "lora-per-rank":
-        return [Job(args, base_path, method, seed, lr[k] if isinstance(lr, dict) else lr, k, [k]).adapter_path
-                for k in args.eval_ranks]
-    return [Job(args, base_path, method, seed, lr, args.rank, args.eval_ranks).adapter_path]
+def run_all(ctx: Context):
+    """Every method (and '+svd' row) at every seed -> ({row: {seed: result}}, lrs, sweep tables)."""
+    args = ctx.args
+    lrs: Dict[str, object] = dict(args.lrs)
+    sweep_tables, per_row = {}, {}
+    for si, seed in enumerate(args.seeds):
+        for method in args.methods:
+            if args.sweep and si == 0 and method not in args.pinned:
+                lrs[method], sweep_tables[method] = _choose_lr(ctx, method, seed)
+            _run_and_record(ctx, method, seed, lrs[method], per_row)
+            if method in args.svd_methods:
+                _run_and_record(ctx, method + "+svd", seed, lrs[method], per_row)
+    return per_row, lrs, sweep_tables
+
+
+def _run_and_record(ctx: Context, row: str, seed: int, lr, per_row: dict):
+    """Run one row (a method or '<method>+svd'), publish its adapter(s), print its accuracies."""
+    svd = row.endswith("+svd")
+    method = row[:-len("+svd")] if svd else row
+    jobs = method_jobs(ctx, method, seed, lr)
+    result = svd_ordered(ctx, jobs[0], row) if svd else run_method(ctx, method, seed, lr)
+    if not ctx.rt.main:
+        return
+    from_svd = svd or method == "lora-svd"
+    ranks = ctx.args.eval_ranks if method == "lora-per-rank" else [None]
+    for job, k in zip(jobs, ranks):   # copied to the documented names in out_dir
+        src = job.svd_adapter_path if from_svd else job.adapter_path
+        mlora.atomic_write(adapter_path(ctx.args.out_dir, row, seed, k), lambda tmp: shutil.copyfile(src, tmp))
+    per_row.setdefault(row, {})[seed] = result
+    extra = f", post-hoc {result['posthoc_seconds']:.1f}s" if "posthoc_seconds" in result else ""
+    print(f"  {row:<14} seed {seed}: acc " + " ".join(f"{a:.4f}" for a in result["acc"])
+          + f"  ({result['train_seconds']:.0f}s{extra})")
 
 
 # -----------------------------------------------------------------------------
 # reporting
 
 
+def _mean(xs):
+    return sum(xs) / len(xs)
+
+
+def _std(xs):   # sample standard deviation over seeds
+    m = _mean(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+
+
 def _summarise(per_seed: Dict[int, dict], ranks) -> dict:
     """Means (and standard deviations over seeds) of one method's results."""
     runs = list(per_seed.values())
     for r in runs:
-        r["aurac_log2"] = mlora.aurac(ranks, r["acc"], "log2")
-        r["aurac_linear"] = mlora.aurac(ranks, r["acc"], "linear")
-        for c in r.get("curve", []):
-            c["aurac_log2"] = mlora.aurac(ranks, c["acc"], "log2")
-            c["aurac_linear"] = mlora.aurac(ranks, c["acc"], "linear")
-
-    def mean(xs):
-        return sum(xs) / len(xs)
-
-    def std(xs):   # sample standard deviation over seeds
-        m = mean(xs)
-        return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-
+        for scale in ("log2", "linear"):
+            r["aurac_" + scale] = mlora.aurac(ranks, r["acc"], scale)
+            for c in r.get("curve", []):
+                c["aurac_" + scale] = mlora.aurac(ranks, c["acc"], scale)
     out = dict(lr=runs[0]["lr"])
     for key in ("acc", "loss"):
-        out[key] = [mean([r[key][i] for r in runs]) for i in range(len(ranks))]
-    for key in ("aurac_log2", "aurac_linear", "train_seconds", "train_flops"):
-        out[key] = mean([r[key] for r in runs])
+        out[key] = [_mean([r[key][i] for r in runs]) for i in range(len(ranks))]
+    scalars = [k for k in ("aurac_log2", "aurac_linear", "train_seconds", "train_flops", "posthoc_seconds",
+                           "posthoc_flops") if k in runs[0]]
+    for key in scalars:
+        out[key] = _mean([r[key] for r in runs])
     if len(runs) > 1:
         for key in ("acc", "loss"):
-            out[key + "_std"] = [std([r[key][i] for r in runs]) for i in range(len(ranks))]
-        for key in ("aurac_log2", "aurac_linear", "train_seconds"):
-            out[key + "_std"] = std([r[key] for r in runs])
+            out[key + "_std"] = [_std([r[key][i] for r in runs]) for i in range(len(ranks))]
+        for key in ("aurac_log2", "aurac_linear", "train_seconds", "posthoc_seconds"):
+            if key in runs[0]:
+                out[key + "_std"] = _std([r[key] for r in runs])
     if runs[0].get("curve"):
-        steps = [c["step"] for c in runs[0]["curve"]]
-        out["curve"] = dict(steps=steps,
-                            aurac_log2=[mean([r["curve"][i]["aurac_log2"] for r in runs]) for i in range(len(steps))],
-                            aurac_log2_std=[std([r["curve"][i]["aurac_log2"] for r in runs]) for i in range(len(steps))],
-                            train_flops=[runs[0]["curve"][i]["train_flops"] for i in range(len(steps))])
+        out["curve"] = _summarise_curve(runs)
     if any("draws_match_across_processes" in r for r in runs):
         out["draws_match_across_processes"] = all(r.get("draws_match_across_processes", False) for r in runs)
     out["per_seed"] = {str(s): {k: v for k, v in r.items() if k not in ("loss_history",)} for s, r in per_seed.items()}
     return out
 
 
+def _summarise_curve(runs: List[dict]) -> dict:
+    steps = [c["step"] for c in runs[0]["curve"]]
+    at = range(len(steps))
+    return dict(steps=steps,
+                aurac_log2=[_mean([r["curve"][i]["aurac_log2"] for r in runs]) for i in at],
+                aurac_log2_std=[_std([r["curve"][i]["aurac_log2"] for r in runs]) for i in at],
+                train_flops=[runs[0]["curve"][i]["train_flops"] for i in at])
+
+
+def _cell(mean: float, std: Optional[float]) -> str:
+    return f"{mean:.4f}" if std is None else f"{mean:.4f}±{std:.4f}"
+
+
 def format_table(results: dict) -> str:
-    ranks, methods = results["ranks"], results["methods"]
+    """The results as a fixed-width text table (base row first, then every method)."""
+    ranks, methods, base = results["ranks"], results["methods"], results.get("base")
     several = len(results["seeds"]) > 1
     cell = 15 if several else 8
-    head = f"{'method':<15}" + "".join(f"{'r=' + str(k):>{cell}}" for k in ranks)
+    posthoc = any("posthoc_seconds" in m for m in methods.values())
+    name_w = max([len("base (no adapter)")] + [len(n) for n in methods]) + 1
+    head = f"{'method':<{name_w}}" + "".join(f"{'r=' + str(k):>{cell}}" for k in ranks)
     head += f"{'AURAC-log2':>{cell + 4}}{'AURAC-lin':>{cell + 4}}{'train s':>10}{'GFLOPs':>10}"
+    head += f"{'svd s':>8}{'svd GFLOPs':>12}" if posthoc else ""
     lines = [f"next-character accuracy on the test split (mean ± std over seeds {results['seeds']})"
              if several else "next-character accuracy on the test split", head]
-    base = results.get("base")
-    if base:
-        lines.append(f"{'base (no adapter)':<15}" + f"{base['acc']:>{cell}.4f}" * len(ranks))
+    if base:   # one accuracy at every rank (no seeds involved): its AURAC is that accuracy
+        row = f"{'base (no adapter)':<{name_w}}" + f"{base['acc']:>{cell}.4f}" * len(ranks)
+        row += f"{base['aurac_log2']:>{cell + 4}.4f}{base['aurac_linear']:>{cell + 4}.4f}{'-':>10}{'-':>10}"
+        lines.append(row + (f"{'-':>8}{'-':>12}" if posthoc else ""))
     for name, m in methods.items():
-        row = f"{name:<15}"
-        for i in range(len(ranks)):
-            text = f"{m['acc'][i]:.4f}" + (f"±{m['acc_std'][i]:.4f}" if several else "")
-            row += f"{text:>{cell}}"
-        for key in ("aurac_log2", "aurac_linear"):
-            text = f"{m[key]:.4f}" + (f"±{m[key + '_std']:.4f}" if several else "")
-            row += f"{text:>{cell + 4}}"
+        acc_std = m["acc_std"] if several else [None] * len(ranks)
+        row = f"{name:<{name_w}}" + "".join(_cell(a, s).rjust(cell) for a, s in zip(m["acc"], acc_std))
+        row += "".join(_cell(m[key], m[key + "_std"] if several else None).rjust(cell + 4)
+                       for key in ("aurac_log2", "aurac_linear"))
         row += f"{m['train_seconds']:>10.1f}{m['train_flops'] / 1e9:>10.1f}"
+        if posthoc:
+            row += (f"{m['posthoc_seconds']:>8.1f}{m['posthoc_flops'] / 1e9:>12.2f}" if "posthoc_seconds" in m
+                    else f"{'-':>8}{'-':>12}")
         lines.append(row)
     return "\n".join(lines)
 
@@ -1000,7 +1384,7 @@ def plot(results: dict, out_dir: str) -> List[str]:
     ax.set_xticks(ranks, [str(k) for k in ranks])
     ax.set_xlabel("rank used at inference")
     ax.set_ylabel("next-character accuracy (test)")
-    ax.set_title(f"rank-accuracy curves ({len(results['seeds'])} seed(s))")
+    ax.set_title(f"rank-accuracy curves ({len(results['seeds'])} seed(s); bars: std over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -1009,24 +1393,29 @@ def plot(results: dict, out_dir: str) -> List[str]:
     plt.close(fig)
     curves = {n: m["curve"] for n, m in results["methods"].items() if m.get("curve")}
     if curves:
-        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
-        for name, c in curves.items():
-            ax.errorbar(c["steps"], c["aurac_log2"], yerr=c["aurac_log2_std"], marker="o", ms=4, capsize=3, label=name)
-            ax2.plot([f / 1e12 for f in c["train_flops"]], c["aurac_log2"], marker="o", ms=4, label=name)
-        ax.set_xlabel("fine-tuning steps")
-        ax.set_ylabel("AURAC (log2) of test accuracy")
-        ax.set_title("AURAC vs training steps")
-        ax2.set_xscale("log")
-        ax2.set_xlabel("training compute (TFLOPs, analytic)")
-        ax2.set_title("AURAC vs training compute")
-        for a in (ax, ax2):
-            a.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        paths.append(os.path.join(out_dir, "aurac_vs_steps.png"))
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(_plot_curves(curves, out_dir, plt))
     return paths
+
+
+def _plot_curves(curves: dict, out_dir: str, plt) -> str:
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
+    for name, c in curves.items():
+        ax.errorbar(c["steps"], c["aurac_log2"], yerr=c["aurac_log2_std"], marker="o", ms=4, capsize=3, label=name)
+        ax2.plot([f / 1e12 for f in c["train_flops"]], c["aurac_log2"], marker="o", ms=4, label=name)
+    ax.set_xlabel("fine-tuning steps")
+    ax.set_ylabel("AURAC (log2) of test accuracy")
+    ax.set_title("AURAC vs training steps (bars: std over seeds)")
+    ax2.set_xscale("log")
+    ax2.set_xlabel("training compute (TFLOPs, analytic)")
+    ax2.set_title("AURAC vs training compute")
+    for a in (ax, ax2):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "aurac_vs_steps.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 # -----------------------------------------------------------------------------
@@ -1037,78 +1426,69 @@ def main(argv: Optional[List[str]] = None) -> dict:
     """Run the pipeline; returns the results dict (also written to out_dir/results.json).
 
     Under torchrun, processes other than rank 0 return {}."""
-    args = parse_args(argv)
+    args = parse_args(argv)   # every flag checked: nothing is read, trained or written before
     rt = setup_runtime(args)
     t_start = time.time()
-    os.makedirs(args.out_dir, exist_ok=True)
     corpora = load_corpora(args)
+    os.makedirs(args.out_dir, exist_ok=True)
     if rt.main:
-        print(f"device {rt.device} x {rt.world} process(es); fine-tuning on {len(corpora.finetune_files)} stdlib "
-              f"files ({len(corpora.finetune_text):,} chars); vocabulary {corpora.tokenizer.vocab_size} chars")
-    base_path = pretrain(args, corpora, rt)
-
-    base_model, _ = load_base(base_path, rt.device)
-    block = base_model.config.block_size
-    base_eval = None
-    if rt.main:
-        loss, acc = _eval_plain(base_model, corpora.finetune["test"], args.eval_blocks, block, rt)
-        base_eval = dict(acc=acc, loss=loss)
-        print(f"base model on stdlib test: next-char acc {acc:.4f}, loss {loss:.4f}")
-    base_info = torch.load(base_path, map_location="cpu", weights_only=True)["info"]
-    del base_model
-
-    lrs: Dict[str, object] = dict(args.lrs)
-    sweep_tables = {}
-    per_method: Dict[str, Dict[int, dict]] = {m: {} for m in args.methods}
-    for si, seed in enumerate(args.seeds):
-        for method in args.methods:
-            if args.sweep and si == 0 and method not in args.pinned:
-                if rt.main:
-                    print(f"sweeping {method} over lr {args.lr_grid} (seed {seed}, val split)")
-                best, table = sweep(args, method, seed, corpora, base_path, rt)
-                if rt.world > 1:   # only rank 0 evaluated; everyone must train at its choice
-                    shared = [best]
-                    torch.distributed.broadcast_object_list(shared, src=0)
-                    best = shared[0]
-                lrs[method], sweep_tables[method] = best, table
-                if rt.main:
-                    print(f"  best lr for {method}: {best}")
-            result = run_method(args, method, seed, lrs[method], corpora, base_path, rt)
-            if rt.main:
-                _publish_adapter(args, result, _job_adapter_paths(args, method, seed, lrs[method], base_path),
-                                 method, seed)
-                per_method[method][seed] = result
-                print(f"  {method:<14} seed {seed}: acc " + " ".join(f"{a:.4f}" for a in result["acc"])
-                      + f"  ({result['train_seconds']:.0f}s)")
+        source = (f"{corpora.finetune_files[0]}" if args.finetune_data else
+                  f"{len(corpora.finetune_files)} stdlib files")
+        print(f"device {rt.device} x {rt.world} process(es), autocast {args.autocast}; fine-tuning on {source} "
+              f"({len(corpora.finetune_text):,} chars); vocabulary {corpora.tokenizer.vocab_size} chars")
+    ctx = Context(args, corpora, rt, pretrain(args, corpora, rt))
+    base_eval = _evaluate_base(ctx)
+    per_row, lrs, sweep_tables = run_all(ctx)
     if not rt.main:
         rt.barrier()
         return {}
+    results = dict(ranks=args.eval_ranks, seeds=args.seeds,
+                   methods={row: _summarise(per_seed, args.eval_ranks) for row, per_seed in per_row.items()},
+                   base=base_eval, config=_config(ctx, lrs), sweep=sweep_tables or None,
+                   wall_seconds=time.time() - t_start)
+    _report(results, args)
+    rt.barrier()
+    return results
 
-    results = dict(
-        ranks=args.eval_ranks, seeds=args.seeds,
-        methods={m: _summarise(per_method[m], args.eval_ranks) for m in args.methods},
-        base=base_eval,
-        config=dict(base_checkpoint=os.path.basename(base_path), preset=args.preset, rank=args.rank,
-                    train_ranks=args.train_ranks, steps=args.steps, batch_size=args.batch_size,
-                    block_size=block, scaling=args.scaling, alpha=args.alpha, targets=list(TARGETS),
-                    matryoshka_normalize=args.matryoshka_normalize, grad_clip=args.grad_clip,
-                    warmup_steps=WARMUP_STEPS, lr={m: lrs[m] for m in args.methods}, sweep=args.sweep,
-                    lr_grid=args.lr_grid if args.sweep else None, device=str(rt.device), processes=rt.world,
-                    threads=torch.get_num_threads(), pretrain=base_info, finetune_files=corpora.finetune_files,
-                    finetune_chars=len(corpora.finetune_text), eval_chars=args.eval_blocks * block,
-                    quick=args.quick, torch=torch.__version__),
-        sweep=sweep_tables or None,
-        wall_seconds=time.time() - t_start,
-    )
-    _atomic_write_text(os.path.join(args.out_dir, "results.json"), json.dumps(results, indent=1))
+
+def _evaluate_base(ctx: Context) -> Optional[dict]:
+    """The base model (no adapter) on the test split: one accuracy at every rank."""
+    if not ctx.rt.main:
+        return None
+    model, _ = load_base(ctx.base_path, ctx.rt.device)
+    loss, acc = _eval_plain(model, ctx.corpora.finetune["test"], ctx.args.eval_blocks, model.config.block_size, ctx.rt)
+    print(f"base model on the fine-tuning test split: next-char acc {acc:.4f}, loss {loss:.4f}")
+    ranks = ctx.args.eval_ranks
+    return dict(acc=acc, loss=loss, aurac_log2=mlora.aurac(ranks, [acc] * len(ranks), "log2"),
+                aurac_linear=mlora.aurac(ranks, [acc] * len(ranks), "linear"))
+
+
+def _config(ctx: Context, lrs: dict) -> dict:
+    args, corpora = ctx.args, ctx.corpora
+    block = mlora.PRESETS[args.preset]["block_size"]
+    return dict(base_checkpoint=os.path.basename(ctx.base_path), preset=args.preset, rank=args.rank,
+                train_ranks=args.train_ranks, steps=args.steps, batch_size=args.batch_size,
+                block_size=block, scaling=args.scaling, alpha=args.alpha, targets=list(TARGETS),
+                matryoshka_normalize=args.matryoshka_normalize, grad_clip=args.grad_clip,
+                warmup_steps=WARMUP_STEPS, lr={m: lrs[m] for m in args.methods}, sweep=args.sweep,
+                lr_grid=args.lr_grid if args.sweep else None, device=str(ctx.rt.device), processes=ctx.rt.world,
+                autocast=args.autocast, compile=args.compile, threads=torch.get_num_threads(),
+                pretrain=torch.load(ctx.base_path, map_location="cpu", weights_only=True)["info"],
+                finetune_files=corpora.finetune_files, finetune_chars=len(corpora.finetune_text),
+                eval_chars=args.eval_blocks * block, svd_calibration_chars=args.eval_blocks * block,
+                quick=args.quick, torch=torch.__version__)
+
+
+def _report(results: dict, args):
+    """results.json, the table and the plots."""
+    path = os.path.join(args.out_dir, "results.json")
+    _atomic_write_text(path, json.dumps(results, indent=1))
     print()
     print(format_table(results))
     if not args.no_plot:
-        for path in plot(results, args.out_dir):
-            print(f"wrote {path}")
-    print(f"wrote {os.path.join(args.out_dir, 'results.json')} ({results['wall_seconds']:.0f}s in all)")
-    rt.barrier()
-    return results
+        for png in plot(results, args.out_dir):
+            print(f"wrote {png}")
+    print(f"wrote {path} ({results['wall_seconds']:.0f}s in all)")
 
 
 if __name__ == "__main__":
