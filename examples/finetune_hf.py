@@ -1,0 +1,852 @@
+"""
+finetune_hf.py: fine-tune a local Hugging Face causal LM with MatryoshkaLoRA
+(arXiv 2605.07850) adapters, on one process, on torchrun with DDP, or with FSDP2.
+
+The paper's recipe is the default: adapters on all seven projections of a
+Llama / Qwen2 block (q, k, v, o, gate, up, down; GPT-2: c_attn, c_proj, c_fc),
+rank 32, train and eval ranks the powers of two up to 32, sqrt scaling with
+alpha 1, AdamW at 8e-5, global batch 32, 3 epochs, bf16 autocast on CUDA.
+
+    python examples/finetune_hf.py --quick                    # tiny random Llama, CPU, < 1 minute
+    python examples/finetune_hf.py --model ~/llama-3.2-1b --data train.jsonl --out_dir out/ft
+    torchrun --nproc_per_node 8 examples/finetune_hf.py --model DIR --data FILE          # DDP
+    torchrun --nproc_per_node 8 examples/finetune_hf.py --model DIR --data FILE --fsdp   # FSDP2
+
+Nothing is downloaded: --model is a local directory (config.json, weights,
+tokenizer), read with transformers' local_files_only=True.
+
+Data (--data): a .jsonl file whose lines are {"prompt": ..., "response": ...}
+(the loss covers the response only: prompt labels are -100) or {"text": ...}
+(every token), or any other file read as plain text and cut into --seq_len
+token blocks. A held-out split (--eval_fraction, or --eval_data FILE) is
+scored at the end.
+
+Distribution uses torch's own engines: DistributedDataParallel, or FSDP2
+(torch.distributed.fsdp.fully_shard on every decoder block, then the root)
+with --fsdp; gloo on the CPU, nccl on CUDA. The global batch (--batch_size
+sequences) is cut into micro-batches of --micro_batch_size; micro-batch c of a
+step goes to process c % world, so the same global batch gives the same
+gradient (up to float rounding) whatever the number of processes and
+accumulation steps. The DyLoRA / stratified draw comes from (seed, step) and
+is made once per optimizer step, the same on every process; the processes
+compare a digest of their draws at every checkpoint and at the end.
+
+Checkpoints (every --ckpt_every steps, and at the end of training) hold the
+adapters, the AdamW state and the schedule step, written with
+torch.distributed.checkpoint (each process writes its own shard) to a
+temporary directory that is renamed into place once complete. Running the
+same command again resumes from the newest one; randomness is keyed by
+(seed, step), so a killed run resumes to the numbers of an uninterrupted one.
+
+Outputs in --out_dir:
+    results.json              per-rank loss, perplexity and token accuracy on the held-out
+                              split, AURAC of token accuracy (log2 and linear), the config
+    adapter.pt                the full trained adapter (mlora.save_adapter)
+    peft/rank_<k>/            one PEFT LoRA adapter per --export_ranks entry
+    peft/budget/              the allocate_ranks plan for --export_budget (plan in results.json)
+    checkpoints/step_<n>/     the newest resume checkpoint
+Each PEFT directory loads with PeftModel.from_pretrained(<the --model model>, dir).
+"""
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository root
+import mlora   # noqa: E402
+
+# -----------------------------------------------------------------------------
+# settings
+
+# the paper's adapted layers, by config.model_type
+SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = {"llama": SEVEN, "qwen2": SEVEN, "qwen3": SEVEN, "mistral": SEVEN, "gemma": SEVEN,
+           "gemma2": SEVEN, "gpt2": ["c_attn", "c_proj", "c_fc"]}
+METHODS = ("lora", "dylora", "matryoshka", "stratified")
+
+# --quick: values for the flags left at their defaults (None)
+QUICK = dict(epochs=3, steps=0, batch_size=16, micro_batch_size=4, lr=1e-2, seq_len=64,
+             ckpt_every=10, log_every=10, calib_examples=16)
+DEFAULTS = dict(epochs=3, steps=0, batch_size=32, micro_batch_size=4, lr=8e-5, seq_len=512,
+                ckpt_every=200, log_every=10, calib_examples=64)
+
+
+def _mix(*numbers) -> int:
+    """One 63-bit seed from several integers, order-sensitive (as mlora's schedules mix theirs)."""
+    h = 0
+    for n in numbers:
+        h = (h * 0x9E3779B97F4A7C15 + int(n) + 1) % (2 ** 63)
+    return h
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="finetune_hf.py", description=__doc__.strip().splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None, help="local Hugging Face causal LM directory")
+    p.add_argument("--data", default=None, help="training data: .jsonl (prompt/response or text) or a text file")
+    p.add_argument("--eval_data", default=None, help="held-out data file (default: --eval_fraction of --data)")
+    p.add_argument("--eval_fraction", type=float, default=0.1, help="share of --data held out for evaluation")
+    p.add_argument("--out_dir", default="out/finetune_hf", help="results, exports and checkpoints")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny random checkpoint and built-in data in {out_dir}/quick; CPU, under a minute")
+    p.add_argument("--quick_layout", default="llama", choices=["llama", "qwen2", "gpt2"],
+                   help="architecture of the --quick checkpoint")
+    p.add_argument("--method", default="matryoshka", choices=METHODS, help="P schedule (mlora.make_schedule)")
+    p.add_argument("--targets", default=None, help="comma list of layer names (default: by model_type)")
+    p.add_argument("--rank", type=int, default=32, help="adapter rank r")
+    p.add_argument("--train_ranks", default=None, help="comma list (default: powers of two up to --rank)")
+    p.add_argument("--eval_ranks", default=None, help="comma list (default: powers of two up to --rank)")
+    p.add_argument("--scaling", default="sqrt", choices=list(mlora.SCALINGS), help="s(k) rule")
+    p.add_argument("--alpha", type=float, default=1.0, help="scaling numerator")
+    p.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the adapter input")
+    p.add_argument("--lr", type=float, default=None, help=f"peak AdamW learning rate ({DEFAULTS['lr']})")
+    p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--warmup_ratio", type=float, default=0.03, help="linear warmup share; linear decay to 0 after")
+    p.add_argument("--grad_clip", type=float, default=1.0, help="gradient norm clip (0: off)")
+    p.add_argument("--epochs", type=int, default=None, help=f"passes over the training split ({DEFAULTS['epochs']})")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps; overrides --epochs when > 0")
+    p.add_argument("--batch_size", type=int, default=None, help=f"global batch, sequences per step ({DEFAULTS['batch_size']})")
+    p.add_argument("--micro_batch_size", type=int, default=None,
+                   help=f"sequences per process per forward ({DEFAULTS['micro_batch_size']}); "
+                        "accumulation = batch_size / (micro_batch_size * processes)")
+    p.add_argument("--seq_len", type=int, default=None, help=f"longest sequence in tokens ({DEFAULTS['seq_len']})")
+    p.add_argument("--seed", type=int, default=0, help="adapter init, data order and schedule draws")
+    p.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP; needs torchrun")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if available")
+    p.add_argument("--gradient_checkpointing", action="store_true", help="recompute block activations in backward")
+    p.add_argument("--ckpt_every", type=int, default=None, help=f"steps between checkpoints ({DEFAULTS['ckpt_every']})")
+    p.add_argument("--log_every", type=int, default=None, help=f"steps between log lines ({DEFAULTS['log_every']})")
+    p.add_argument("--export_ranks", default=None, help="comma list of ranks to export as PEFT (default: the eval ranks)")
+    p.add_argument("--export_budget", default=None,
+                   help="adapter parameter budget for an allocate_ranks export: an int (parameters) or a "
+                        "fraction in (0, 1] of the full-rank adapter")
+    p.add_argument("--calib_examples", type=int, default=None,
+                   help=f"training examples set aside to calibrate --export_budget ({DEFAULTS['calib_examples']})")
+    # testing hook: after this many steps (and their checkpoint), wait to be killed
+    p.add_argument("--_hang_after", type=int, default=0, help=argparse.SUPPRESS)
+    return p
+
+
+def _ranks(text, name, rank, err):
+    if text is None:
+        return mlora.default_train_ranks(rank)
+    try:
+        ranks = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        err(f"{name} must be a comma list of integers, got {text!r}")
+    if not ranks:
+        err(f"{name} is empty")
+    bad = [k for k in ranks if not 1 <= k <= rank]
+    if bad:
+        err(f"{name} has rank {bad[0]}, outside 1..--rank={rank}")
+    if len(set(ranks)) != len(ranks):
+        err(f"{name} has duplicates: {ranks}")
+    return sorted(ranks)
+
+
+def parse_args(argv=None, world: int = 1) -> argparse.Namespace:
+    """Parse and check every flag; errors exit with an 'error:' line before any work."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    err = parser.error
+
+    profile = QUICK if args.quick else DEFAULTS
+    for key, value in profile.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for key in ("epochs", "batch_size", "micro_batch_size", "seq_len", "ckpt_every", "log_every",
+                "calib_examples"):
+        if getattr(args, key) < 1:
+            err(f"--{key} must be a positive integer, got {getattr(args, key)}")
+    if args.steps < 0:
+        err(f"--steps must be >= 0 (0: use --epochs), got {args.steps}")
+    if args.rank < 1:
+        err(f"--rank must be a positive integer, got {args.rank}")
+    args.train_ranks = _ranks(args.train_ranks, "--train_ranks", args.rank, err)
+    args.eval_ranks = _ranks(args.eval_ranks, "--eval_ranks", args.rank, err)
+    args.export_ranks = args.eval_ranks if args.export_ranks is None else \
+        _ranks(args.export_ranks, "--export_ranks", args.rank, err)
+    for key in ("lr", "alpha"):
+        if not math.isfinite(getattr(args, key)) or getattr(args, key) <= 0:
+            err(f"--{key} must be a finite positive number, got {getattr(args, key)}")
+    for key in ("weight_decay", "grad_clip"):
+        if not math.isfinite(getattr(args, key)) or getattr(args, key) < 0:
+            err(f"--{key} must be a finite non-negative number, got {getattr(args, key)}")
+    for key in ("lora_dropout", "warmup_ratio"):
+        if not 0 <= getattr(args, key) < 1:
+            err(f"--{key} must be in [0, 1), got {getattr(args, key)}")
+    if not 0 < args.eval_fraction < 1:
+        err(f"--eval_fraction must be in (0, 1), got {args.eval_fraction}")
+    per_step = args.micro_batch_size * world
+    if args.batch_size % per_step:
+        err(f"--batch_size {args.batch_size} is not a multiple of --micro_batch_size {args.micro_batch_size} "
+            f"x {world} processes = {per_step}")
+    args.accumulation = args.batch_size // per_step
+    if args.export_budget is not None:
+        text = args.export_budget.strip()
+        try:
+            args.export_budget = float(text) if any(c in text for c in ".eE") else int(text)
+        except ValueError:
+            err(f"--export_budget must be an int (parameters) or a fraction in (0, 1], got {text!r}")
+        if isinstance(args.export_budget, float) and not 0 < args.export_budget <= 1:
+            err(f"--export_budget {args.export_budget} as a fraction must be in (0, 1]")
+        if isinstance(args.export_budget, int) and args.export_budget < 1:
+            err(f"--export_budget must be a positive number of parameters, got {args.export_budget}")
+    if args._hang_after < 0:
+        err("--_hang_after must be >= 0")
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        err("--device cuda was asked for but torch sees no CUDA GPU")
+    if args.fsdp and "WORLD_SIZE" not in os.environ:
+        err("--fsdp needs torchrun: torchrun --nproc_per_node N examples/finetune_hf.py --fsdp ...")
+
+    if args.quick:
+        quick = os.path.join(args.out_dir, "quick", args.quick_layout)
+        args.model = args.model or os.path.join(quick, "model")
+        args.data = args.data or os.path.join(quick, "data.jsonl")
+        return args   # the quick files are built next, then check_paths runs
+    if args.model is None or args.data is None:
+        err("give --model DIR and --data FILE (or --quick)")
+    check_paths(args, err)
+    return args
+
+
+def check_paths(args, err):
+    """The model directory and data files exist and have what we need; fills args.model_type."""
+    args.model, args.data = os.path.abspath(args.model), os.path.abspath(args.data)
+    config_file = os.path.join(args.model, "config.json")
+    if not os.path.isdir(args.model):
+        err(f"--model {args.model!r} is not a directory (give a local Hugging Face checkpoint directory)")
+    if not os.path.isfile(config_file):
+        err(f"--model {args.model!r} has no config.json")
+    try:
+        with open(config_file) as f:
+            args.model_type = json.load(f).get("model_type")
+    except ValueError as e:
+        err(f"{config_file} is not valid JSON ({e})")
+    if args.targets is None:
+        if args.model_type not in TARGETS:
+            err(f"no default targets for model_type {args.model_type!r}; give --targets "
+                f"(known: {', '.join(TARGETS)})")
+        args.targets = TARGETS[args.model_type]
+    else:
+        args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+        if not args.targets:
+            err("--targets is empty")
+    for key in ("data", "eval_data"):
+        path = getattr(args, key)
+        if path is not None and not os.path.isfile(path):
+            err(f"--{key} {path!r} is not a file")
+        if path is not None and os.path.getsize(path) == 0:
+            err(f"--{key} {path!r} is empty")
+    check_model(args, err)
+
+
+def inject_adapters(model, args, dtype=None):
+    return mlora.inject(model, args.targets, args.rank, method=args.method, train_ranks=args.train_ranks,
+                        scaling=args.scaling, alpha=args.alpha, dropout=args.lora_dropout, seed=args.seed,
+                        dtype=dtype)
+
+
+def check_model(args, err):
+    """Targets and rank against the architecture, on a weightless (meta device) copy: no loading yet."""
+    import transformers
+    try:
+        config = transformers.AutoConfig.from_pretrained(args.model, local_files_only=True)
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(config)
+        inject_adapters(model, args)
+    except ValueError as e:   # e.g. targets that match nothing: mlora names the layers that exist
+        err(f"--model {args.model}: {e}")
+    layers = mlora.adapter_layers(model)
+    small = min((min(m.in_features, m.out_features), n) for n, m in layers.items())
+    if args.rank > small[0]:
+        err(f"--rank {args.rank} is above {small[0]}, a dimension of the adapted layer {small[1]}")
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if positions is not None and args.seq_len > positions:
+        err(f"--seq_len {args.seq_len} is above the model's {positions} positions")
+    if isinstance(args.export_budget, int):   # allocate_ranks starts every layer at the smallest train rank
+        least = args.train_ranks[0] * sum(m.in_features + m.out_features for m in layers.values())
+        if args.export_budget < least:
+            err(f"--export_budget {args.export_budget} is below {least} parameters, the cost of rank "
+                f"{args.train_ranks[0]} in every adapted layer")
+
+
+# -----------------------------------------------------------------------------
+# data: examples are (input ids, labels) with label -100 where no loss is taken
+
+
+def read_records(path: str):
+    """A list of dicts from a .jsonl file, or [{'plain': text}] for any other file."""
+    if not path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            return [{"plain": f.read()}]
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}:{line_no} is not valid JSON ({e})") from None
+            if isinstance(r, dict) and isinstance(r.get("prompt"), str) and isinstance(r.get("response"), str):
+                records.append({"prompt": r["prompt"], "response": r["response"]})
+            elif isinstance(r, dict) and isinstance(r.get("text"), str):
+                records.append({"text": r["text"]})
+            else:
+                raise ValueError(f"{path}:{line_no} needs a string 'text', or string 'prompt' and 'response' "
+                                 f"fields; got {line.strip()[:80]!r}")
+    if not records:
+        raise ValueError(f"{path} has no records")
+    return records
+
+
+def tokenize(records, tokenizer, seq_len: int):
+    """-> (examples, dropped, cut): prompt tokens get label -100; sequences are cut at seq_len.
+
+    dropped counts records with no label left within seq_len, cut those shortened to seq_len.
+    """
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    examples, dropped, cut = [], 0, 0
+    for r in records:
+        if "plain" in r:   # a plain text file: consecutive blocks of seq_len tokens, all trained on
+            ids = tokenizer(r["plain"], add_special_tokens=False)["input_ids"]
+            examples += [(ids[i:i + seq_len], ids[i:i + seq_len]) for i in range(0, len(ids) - 1, seq_len)
+                         if len(ids[i:i + seq_len]) > 1]
+            continue
+        if "prompt" in r:
+            prompt = tokenizer(r["prompt"], add_special_tokens=True)["input_ids"]
+            answer = tokenizer(r["response"], add_special_tokens=False)["input_ids"] + eos
+            full = prompt + answer
+            ids, labels = full[:seq_len], ([-100] * len(prompt) + answer)[:seq_len]
+        else:
+            full = tokenizer(r["text"], add_special_tokens=True)["input_ids"] + eos
+            ids = labels = full[:seq_len]
+        cut += len(full) > seq_len
+        # the loss predicts labels[1:] from ids[:-1]: no label there means nothing to learn
+        if all(t == -100 for t in labels[1:]):
+            dropped += 1
+            continue
+        examples.append((ids, labels))
+    return examples, dropped, cut
+
+
+def split_examples(examples, args):
+    """-> train, calib, eval lists. The split is fixed (seed 0), whatever --seed is."""
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0)).tolist()
+    shuffled = [examples[i] for i in order]
+    n_eval = 0 if args.eval_data else max(1, round(args.eval_fraction * len(examples)))
+    n_calib = args.calib_examples if args.export_budget is not None else 0
+    held, rest = shuffled[:n_eval], shuffled[n_eval:]
+    return rest[n_calib:], rest[:n_calib], held
+
+
+def collate(examples, pad_id: int):
+    """Right-pad to the longest sequence: input_ids, attention_mask, labels, each (B, T)."""
+    T = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), T), dtype=torch.long)
+    labels = torch.full((len(examples), T), -100, dtype=torch.long)
+    for i, (x, y) in enumerate(examples):
+        ids[i, :len(x)], mask[i, :len(x)], labels[i, :len(y)] = torch.tensor(x), 1, torch.tensor(y)
+    return ids, mask, labels
+
+
+def step_chunks(n_train: int, step: int, args):
+    """The global batch of a step as micro-batches of example indices (chunk c -> process c % world).
+
+    Each epoch is a permutation keyed by (seed, epoch); the last partial batch of an epoch is dropped.
+    """
+    per_epoch = n_train // args.batch_size
+    epoch, pos = divmod(step, per_epoch)
+    order = torch.randperm(n_train, generator=torch.Generator().manual_seed(_mix(args.seed, epoch)))
+    batch = order[pos * args.batch_size:(pos + 1) * args.batch_size].tolist()
+    m = args.micro_batch_size
+    return [batch[i:i + m] for i in range(0, len(batch), m)]
+
+
+def loss_tokens(labels) -> int:
+    """Positions with a next-token label: the first label is never predicted."""
+    return sum(t != -100 for t in labels[1:])
+
+
+# -----------------------------------------------------------------------------
+# the --quick checkpoint and data, built offline
+
+
+def quick_records(n: int = 240):
+    """Small sums as prompt/response pairs: something a tiny model can learn in a few steps."""
+    rng = random.Random(0)
+    out = []
+    for _ in range(n):
+        a, b = rng.randrange(50), rng.randrange(50)
+        out.append({"prompt": f"Q: {a} + {b} =", "response": f" {a + b}"})
+    return out
+
+
+def build_quick_assets(folder: str, layout: str = "llama"):
+    """A tiny random causal LM (with its tokenizer) and a JSONL dataset, written once to folder.
+
+    Built in a temporary folder and renamed, so a run that dies half-way leaves nothing half-built.
+    """
+    if os.path.isfile(os.path.join(folder, "data.jsonl")):
+        return
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    transformers.utils.logging.disable_progress_bar()
+    tmp = f"{folder}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    records = quick_records()
+    with open(os.path.join(tmp, "data.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([r["prompt"] + r["response"] for r in records], trainer)
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                                  eos_token="</s>", pad_token="<pad>")
+    # a wider init than the default 0.02: behind the final norm, 0.02 caps the logits near uniform
+    common = dict(vocab_size=len(hf_tok), bos_token_id=1, eos_token_id=2, pad_token_id=3, initializer_range=0.2)
+    if layout == "gpt2":
+        config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=128, **common)
+        cls = transformers.GPT2LMHeadModel
+    else:
+        kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, **common)
+        config = (transformers.LlamaConfig if layout == "llama" else transformers.Qwen2Config)(**kw)
+        cls = transformers.LlamaForCausalLM if layout == "llama" else transformers.Qwen2ForCausalLM
+    torch.manual_seed(0)
+    cls(config).save_pretrained(os.path.join(tmp, "model"))
+    hf_tok.save_pretrained(os.path.join(tmp, "model"))
+    os.makedirs(os.path.dirname(folder) or ".", exist_ok=True)
+    try:
+        os.replace(tmp, folder)
+    except OSError:   # another process got there first; theirs is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -----------------------------------------------------------------------------
+# processes
+
+
+class Runtime:
+    """Rank, world size and device of this process; a process group when there are several."""
+
+    def __init__(self, args):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = torch.device("cuda", local) if args.device == "cuda" else torch.device("cpu")
+        self.distributed = self.world > 1 or args.fsdp
+        if args.device == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = True
+        if self.distributed and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if args.device == "cuda" else "gloo")
+        self.autocast = args.device == "cuda" and torch.cuda.is_bf16_supported()
+        self.main = self.rank == 0
+
+    def amp(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+
+    def barrier(self):
+        if self.distributed:
+            torch.distributed.barrier()
+
+    def sum(self, values) -> torch.Tensor:
+        """Element-wise sum over processes of a list of numbers (float64)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.distributed:
+            torch.distributed.all_reduce(t)
+        return t.cpu()
+
+    def gather(self, obj) -> list:
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def say(self, *a):
+        if self.main:
+            print(*a, flush=True)
+
+
+def check_lockstep(rt, schedule, digest, where):
+    """Every process must be at the same schedule step with the same draws so far."""
+    seen = rt.gather((schedule.step, digest))
+    if len(set(seen)) != 1:
+        raise RuntimeError(f"{where}: processes disagree on the schedule (step, draw digest): {seen}")
+
+
+# -----------------------------------------------------------------------------
+# model
+
+
+def load_model(args, rt):
+    """The Hugging Face model with float32 adapters, on the CPU (wrap moves or shards it), in train mode."""
+    import transformers
+    dtype = torch.bfloat16 if rt.autocast else torch.float32
+    model = transformers.AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True, dtype=dtype)
+    torch.manual_seed(args.seed)   # adapter init: identical on every process (FSDP2 relies on it)
+    # float32 adapters and AdamW state on a bf16 base: the update is too small for bf16 otherwise
+    inject_adapters(model, args, dtype=torch.float32)
+    mlora.get_schedule(model).auto_advance = False   # one draw per optimizer step, advanced by the loop
+    if args.gradient_checkpointing:
+        # non-reentrant: gradients reach the adapters although the block inputs need none
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model.train()   # from_pretrained returns eval mode
+    return model
+
+
+def wrap(model, args, rt):
+    """-> (module to train with, sync(last) context factory)."""
+    if args.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh(rt.device.type, (rt.world,))
+        blocks = tuple(getattr(model, "_no_split_modules", None) or ())
+        for module in model.modules():   # one all-gather per decoder block, then the rest at the root
+            if type(module).__name__ in blocks:
+                fully_shard(module, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+
+        def sync(last):   # reduce-scatter gradients on the last micro-batch only
+            model.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        return model, sync
+    model.to(rt.device)
+    if rt.world > 1:
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        return ddp, lambda last: contextlib.nullcontext() if last else ddp.no_sync()
+    return model, lambda last: contextlib.nullcontext()
+
+
+def forward_sums(model, batch, rt):
+    """Summed next-token loss (a scalar with gradient), correct predictions and loss tokens of a micro-batch."""
+    ids, mask, labels = (t.to(rt.device) for t in batch)
+    with rt.amp():
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits   # (B, T, vocab)
+    logits, targets = logits[:, :-1].float(), labels[:, 1:]                          # (B, T-1, vocab), (B, T-1)
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+    keep = targets != -100
+    correct = (logits.argmax(-1) == targets)[keep].sum()
+    return loss, int(correct), int(keep.sum())
+
+
+@torch.no_grad()
+def evaluate(model, examples, args, rt):
+    """Mean loss and token accuracy over examples, split over processes.
+
+    Every process runs the same number of forwards (FSDP2 gathers weights inside each
+    one): the batch list is padded by repeating batches whose counts are discarded.
+    """
+    m = args.micro_batch_size
+    batches = [examples[i:i + m] for i in range(0, len(examples), m)]
+    padded = -(-len(batches) // rt.world) * rt.world
+    loss = correct = tokens = 0.0
+    for i in range(rt.rank, padded, rt.world):
+        l, c, n = forward_sums(model, collate(batches[i % len(batches)], args.pad_id), rt)
+        if i < len(batches):
+            loss, correct, tokens = loss + l.item(), correct + c, tokens + n
+    loss, correct, tokens = rt.sum([loss, correct, tokens]).tolist()
+    return loss / tokens, correct / tokens
+
+
+def adapter_skeleton(args, state):
+    """A weightless (meta device) copy of the model carrying the full adapter tensors, for export_peft,
+    which reads only the adapters: one process exports even when the trained model is sharded."""
+    import transformers
+    config = transformers.AutoConfig.from_pretrained(args.model, local_files_only=True)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    inject_adapters(model, args)
+    for name, layer in mlora.adapter_layers(model).items():
+        layer.lora_A = nn.Parameter(state[f"{name}.lora_A"].float(), requires_grad=False)   # (r, in)
+        layer.lora_B = nn.Parameter(state[f"{name}.lora_B"].float(), requires_grad=False)   # (out, r)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: torch.distributed.checkpoint, written to a temporary directory and renamed
+
+
+def resume_config(args, data_digest):
+    """The settings a checkpoint must share with the run resuming it (the process count may change)."""
+    keys = ("model", "method", "targets", "rank", "train_ranks", "scaling", "alpha", "lora_dropout", "lr",
+            "weight_decay", "warmup_ratio", "grad_clip", "steps", "batch_size", "micro_batch_size",
+            "seq_len", "seed", "eval_fraction", "calib_examples")
+    return dict({k: getattr(args, k) for k in keys}, data=data_digest)
+
+
+def write_json(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def latest_checkpoint(folder):
+    """The newest complete checkpoint directory, or None (unfinished ones are still named .tmp-*)."""
+    if not os.path.isdir(folder):
+        return None
+    done = sorted(d for d in os.listdir(folder)
+                  if d.startswith("step_") and os.path.isfile(os.path.join(folder, d, "train_state.json")))
+    return os.path.join(folder, done[-1]) if done else None
+
+
+def save_checkpoint(folder, model, opt, meta, rt):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    final = os.path.join(folder, f"step_{meta['step']:08d}")
+    tmp = os.path.join(folder, f".tmp-step_{meta['step']:08d}")
+    if rt.main:
+        shutil.rmtree(tmp, ignore_errors=True)   # left by a run killed while writing
+        os.makedirs(tmp)
+    rt.barrier()
+    model_state, optim_state = get_state_dict(model, opt, options=StateDictOptions(ignore_frozen_params=True))
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)   # each process its shard
+    if rt.main:
+        mlora.atomic_write(os.path.join(tmp, "train_state.json"), lambda f: write_json(meta, f))
+        os.replace(tmp, final)
+        for old in os.listdir(folder):   # keep the newest only
+            if old.startswith("step_") and old != os.path.basename(final):
+                shutil.rmtree(os.path.join(folder, old), ignore_errors=True)
+    rt.barrier()
+
+
+def load_checkpoint(path, model, opt):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+    model_state, optim_state = get_state_dict(model, opt, options=StateDictOptions(ignore_frozen_params=True))
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=path)   # every adapter key must be there; resharded to this run
+    # strict=False: the frozen base weights are not in the checkpoint (they come from --model)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    with open(os.path.join(path, "train_state.json")) as f:
+        return json.load(f)
+
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def load_data(args, err):
+    """-> train, calib, held-out examples and a digest of the data file; before any model is
+    loaded, so a bad file fails in seconds. Sets args.pad_id, and args.steps from --epochs."""
+    import transformers
+    transformers.utils.logging.disable_progress_bar()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    args.pad_id = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
+    try:
+        examples, dropped, cut = tokenize(read_records(args.data), tokenizer, args.seq_len)
+        train, calib, held = split_examples(examples, args)
+        if args.eval_data:
+            held, _, _ = tokenize(read_records(args.eval_data), tokenizer, args.seq_len)
+    except ValueError as e:
+        err(str(e))
+    if len(train) < args.batch_size:
+        err(f"the training split has {len(train)} examples, fewer than --batch_size {args.batch_size}")
+    if not held:
+        err("the held-out split is empty")
+    args.steps = args.steps or args.epochs * (len(train) // args.batch_size)
+    args.data_note = (f"{len(examples)} examples ({cut} cut to --seq_len {args.seq_len}, {dropped} dropped: "
+                      f"no answer token within it): {len(train)} train, {len(calib)} calibration, "
+                      f"{len(held)} held out")
+    with open(args.data, "rb") as f:
+        return train, calib, held, hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def evaluate_and_export(model, held, calib, args, rt, results):
+    """Per-rank held-out evaluation, the budget plan, and the exports; fills and writes results."""
+    # per-rank evaluation on the held-out split
+    model.eval()
+    rows = []
+    for k in args.eval_ranks:
+        mlora.set_rank(model, k)
+        loss, acc = evaluate(model, held, args, rt)
+        rows.append(dict(rank=k, loss=loss, perplexity=math.exp(min(loss, 700)), token_accuracy=acc))
+    mlora.set_rank(model, None)
+    accs, neg = [r["token_accuracy"] for r in rows], [-r["loss"] for r in rows]
+    results.update(
+        eval=rows, held_out_examples=len(held),
+        aurac_token_accuracy_log2=mlora.aurac(args.eval_ranks, accs, "log2"),
+        aurac_token_accuracy_linear=mlora.aurac(args.eval_ranks, accs, "linear"),
+        aurac_neg_loss_log2=mlora.aurac(args.eval_ranks, neg, "log2"))
+    rt.say(f"\nheld-out split ({len(held)} examples):\n{'rank':>5} {'loss':>8} {'ppl':>9} {'tok acc':>8}")
+    for r in rows:
+        rt.say(f"{r['rank']:>5} {r['loss']:>8.4f} {r['perplexity']:>9.3f} {r['token_accuracy']:>8.4f}")
+    rt.say(f"AURAC of token accuracy: log2 {results['aurac_token_accuracy_log2']:.4f}, "
+           f"linear {results['aurac_token_accuracy_linear']:.4f}")
+
+    # per-layer ranks under a budget, calibrated on examples kept out of training
+    plan = None
+    if args.export_budget is not None:
+        plan = mlora.allocate_ranks(model, lambda m: evaluate(m, calib, args, rt)[0], args.export_budget)
+        mlora.set_rank(model, plan)
+        loss, acc = evaluate(model, held, args, rt)
+        mlora.set_rank(model, None)
+        used = mlora.adapter_param_count(model, plan)
+        results["budget"] = dict(budget=args.export_budget, parameters=used, plan=plan, loss=loss,
+                                 perplexity=math.exp(min(loss, 700)), token_accuracy=acc)
+        rt.say(f"budget {args.export_budget}: {used:,} adapter parameters, ranks {sorted(set(plan.values()))}; "
+               f"held-out loss {loss:.4f}, token accuracy {acc:.4f}")
+
+    # exports: the full adapter tensors gathered to process 0 (small: adapters only), written there
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                 ignore_frozen_params=True))
+    if rt.main:
+        skeleton = adapter_skeleton(args, state)
+        mlora.save_adapter(skeleton, os.path.join(args.out_dir, "adapter.pt"))
+        exports = {f"rank_{k}": k for k in args.export_ranks}
+        if plan is not None:
+            exports["budget"] = plan
+        for name, rank in exports.items():
+            final, tmp = os.path.join(args.out_dir, "peft", name), os.path.join(args.out_dir, "peft", f".tmp-{name}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            mlora.export_peft(skeleton, rank, tmp, base_model_name_or_path=args.model)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        results["exports"] = {name: os.path.join("peft", name) for name in exports}
+        mlora.atomic_write(os.path.join(args.out_dir, "results.json"), lambda f: write_json(results, f))
+        print(f"wrote {args.out_dir}/results.json, adapter.pt and {len(exports)} PEFT adapters in "
+              f"{args.out_dir}/peft", flush=True)
+
+
+def main(argv=None):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    parser = build_parser()
+    args = parse_args(argv, world)
+    if args.quick:   # rank 0 builds the files; the others wait for them (same node)
+        folder = os.path.dirname(args.model)
+        if int(os.environ.get("RANK", "0")) == 0:
+            build_quick_assets(folder, args.quick_layout)
+        deadline = time.time() + 300
+        while not os.path.isfile(os.path.join(folder, "data.jsonl")):
+            if time.time() > deadline:
+                parser.error(f"timed out waiting for rank 0 to build {folder}")
+            time.sleep(0.2)
+        check_paths(args, parser.error)
+
+    # one process saving with torch.distributed.checkpoint is intended here, not a mistake
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    train, calib, held, data_digest = load_data(args, parser.error)
+    steps = args.steps
+
+    # a checkpoint in out_dir is resumed, if it was written with the same settings
+    ckpt_dir = os.path.join(args.out_dir, "checkpoints")
+    config = resume_config(args, data_digest)
+    latest = latest_checkpoint(ckpt_dir)
+    if latest is not None:
+        with open(os.path.join(latest, "train_state.json")) as f:
+            saved = json.load(f)["config"]
+        changed = sorted(k for k in set(config) | set(saved) if config.get(k) != saved.get(k))
+        if changed:
+            parser.error(f"{latest} was written with other settings ({', '.join(changed)}); "
+                         "use another --out_dir or the same flags")
+
+    rt = Runtime(args)
+    rt.say(f"{args.data_note}; {steps} steps of "
+           f"{args.batch_size} sequences = {rt.world} process(es) x {args.accumulation} accumulation x "
+           f"{args.micro_batch_size}; {'FSDP2' if args.fsdp else 'DDP' if rt.world > 1 else 'one process'} "
+           f"on {rt.device.type}")
+    model = load_model(args, rt)
+    schedule = mlora.get_schedule(model)
+    layers = mlora.adapter_layers(model)
+    n_adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    rt.say(f"{type(model).__name__}: {len(layers)} adapters ({', '.join(args.targets)}), rank {args.rank}, "
+           f"{args.method}, train ranks {args.train_ranks}; {n_adapter:,} adapter parameters")
+    train_model, sync = wrap(model, args, rt)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+
+    start, digest, losses, seconds = 0, "", [], 0.0
+    if latest is not None:
+        meta = load_checkpoint(latest, model, opt)
+        schedule.load_state_dict(meta["schedule"])
+        start, digest, losses, seconds = meta["step"], meta["digest"], meta["losses"], meta["seconds"]
+        rt.say(f"resumed from {latest} at step {start}")
+    check_lockstep(rt, schedule, digest, "start")
+    if schedule.step != start:
+        raise RuntimeError(f"schedule step {schedule.step} differs from the optimizer step {start}")
+
+    warmup = math.ceil(args.warmup_ratio * steps)
+    mine = range(rt.rank, args.batch_size // args.micro_batch_size, rt.world)   # this process's chunks
+    model.train()
+    for step in range(start, steps):
+        t0 = time.time()
+        lr = args.lr * min((step + 1) / max(warmup, 1), (steps - step) / max(steps - warmup, 1))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        chunks = step_chunks(len(train), step, args)
+        n_tokens = sum(loss_tokens(train[i][1]) for chunk in chunks for i in chunk)   # the global batch's
+        # the draw of this step, for the lockstep check
+        p = schedule.p(args.micro_batch_size)
+        digest = hashlib.sha256((digest + str(step)).encode() + p.numpy().tobytes()).hexdigest()[:16]
+        total = 0.0
+        for j, c in enumerate(mine):
+            torch.manual_seed(_mix(args.seed, step, c))   # dropout keyed by the micro-batch, not the process
+            with sync(j == len(mine) - 1):
+                loss, _, _ = forward_sums(train_model, collate([train[i] for i in chunks[c]], args.pad_id), rt)
+                # DDP and FSDP2 average gradients over processes: the world factor makes the
+                # result the global batch's per-token mean, whatever the split
+                (loss * rt.world / n_tokens).backward()
+            total += loss.item()
+        if args.grad_clip > 0:
+            nn.utils.clip_grad_norm_(params, args.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        schedule.advance()
+        seconds += time.time() - t0
+        losses.append(rt.sum([total]).item() / n_tokens)
+        done = step + 1
+        if done % args.log_every == 0 or done == steps:
+            rt.say(f"step {done}/{steps}  loss {losses[-1]:.4f}  lr {lr:.2e}  {seconds / done:.2f} s/step")
+        if done % args.ckpt_every == 0 or done == steps:
+            check_lockstep(rt, schedule, digest, f"step {done}")
+            save_checkpoint(ckpt_dir, model, opt, dict(step=done, schedule=schedule.state_dict(), digest=digest,
+                                                       losses=losses, seconds=seconds, config=config), rt)
+        if args._hang_after and done == args._hang_after:
+            rt.say(f"waiting to be killed after step {done}")
+            while True:
+                time.sleep(1)
+    check_lockstep(rt, schedule, digest, "end of training")
+
+    results = dict(config=dict(config, world=rt.world, fsdp=args.fsdp, eval_ranks=args.eval_ranks),
+                   train_loss=losses, train_seconds=seconds, schedule_step=schedule.step, draw_digest=digest,
+                   draws_match_across_processes=True,   # check_lockstep raised otherwise
+                   adapter_parameters=n_adapter)
+    evaluate_and_export(model, held, calib, args, rt, results)
+    rt.barrier()
+    if rt.distributed:
+        torch.distributed.destroy_process_group()
+    return results
+
+
+if __name__ == "__main__":
+    main()
