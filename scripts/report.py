@@ -35,7 +35,7 @@ TOY = "toy_results_3seeds.json"            # lora, dylora, matryoshka, stratifie
 ORACLE = "toy_results_lora_per_rank_seed0.json"   # one LoRA per rank, seed 0
 NESTED = "toy_results_nested_seed0.json"  # the exact nested objective, seed 0
 BUDGET = "budget.json"                     # examples/budget.py
-BENCH = "bench.json"                       # bench.py --out assets/bench.json
+BENCH = "bench_cpu.json"                   # bench.py --out assets/bench_cpu.json
 
 # two-sided 95% critical value of Student's t at 2 degrees of freedom: the fewest a Welch
 # test of 3 seeds against 3 seeds can have, so |t| above it is a difference at any df.
@@ -374,6 +374,16 @@ def bench_table():
         span = f"[{fmt(t['range'][0])}, {fmt(t['range'][1])}]" if t.get("range") else "-"
         met = {True: "yes", False: "no", None: "not judged"}[t["met"]]
         lines.append(row([f"{name} ({t['target']})", fmt(t["value"]), span, met]))
+    mm = b.get("merge_memory")
+    if mm:   # the extra memory merge costs, in both modes
+        mb = lambda n: f"{n / 2 ** 20:.1f} MB"
+        lines += ["", header(["`merge(model, k, keep_original=...)`", "peak extra memory", "kept while merged",
+                              "unmerge: max abs error"])]
+        for keep in (False, True):
+            r = mm[f"keep_original_{keep}"]
+            lines.append(row([f"`{keep}`", mb(r["peak_bytes"]), mb(r["kept_bytes"]), f"{r['unmerge_max_abs_error']:.2e}"]))
+        lines += ["", f"{mm['n_weights']} adapted float32 weights, {mb(mm['adapted_weight_bytes'])} in all, largest "
+                      f"{mb(mm['largest_weight_bytes'])}, merged at rank {mm['rank']}. Measured: {mm['how']}."]
     noise, m, git = b["noise"], b["machine"], b["git"]
     return "\n".join(lines) + (
         f"\n\nA/A controls (the same variant timed twice): training {noise['train_aa']['ratio']:.3f} "
