@@ -84,7 +84,10 @@ import hashlib
 import json
 import math
 import os
+import platform
+import shlex
 import shutil
+import subprocess
 import sys
 import time
 from typing import Dict, List, Optional
@@ -1445,7 +1448,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     results = dict(ranks=args.eval_ranks, seeds=args.seeds,
                    methods={row: _summarise(per_seed, args.eval_ranks) for row, per_seed in per_row.items()},
                    base=base_eval, config=_config(ctx, lrs), sweep=sweep_tables or None,
-                   wall_seconds=time.time() - t_start)
+                   wall_seconds=time.time() - t_start, provenance=provenance(argv))
     _report(results, args)
     rt.barrier()
     return results
@@ -1461,6 +1464,25 @@ def _evaluate_base(ctx: Context) -> Optional[dict]:
     ranks = ctx.args.eval_ranks
     return dict(acc=acc, loss=loss, aurac_log2=mlora.aurac(ranks, [acc] * len(ranks), "log2"),
                 aurac_linear=mlora.aurac(ranks, [acc] * len(ranks), "linear"))
+
+
+def provenance(argv: Optional[List[str]]) -> dict:
+    """What a reader needs to rerun this: the command, the code's commit, the machine, the date."""
+    def git(*cmd):
+        try:
+            out = subprocess.run(["git", *cmd], cwd=os.path.dirname(os.path.abspath(__file__)),
+                                 capture_output=True, text=True, timeout=10)
+            return out.stdout.strip() if out.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError):
+            return None
+    argv = sys.argv[1:] if argv is None else argv
+    cpu = platform.processor() or platform.machine()
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    return dict(command=" ".join(["python train_toy.py", *map(shlex.quote, argv)]), commit=git("rev-parse", "HEAD"),
+                dirty=bool(git("status", "--porcelain", "--untracked-files=no")), cpu=cpu, cores=os.cpu_count(),
+                python=platform.python_version(), date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
 
 def _config(ctx: Context, lrs: dict) -> dict:

@@ -328,6 +328,128 @@ def toy_steps():
 
 
 # -----------------------------------------------------------------------------
+# the post-hoc SVD baseline beside the nested methods (train_toy.py lora-svd, --svd)
+
+SVD_SQRT = "toy_results_lora_svd_sqrt.json"     # lora and lora-svd, sqrt scaling, lr 1e-3, seeds 0-2
+SVD_NONE = "toy_results_lora_svd_none.json"     # lora and lora-svd, no scaling, lr 3e-3, seeds 0-2
+OPTIONAL_SVD = {   # row label -> [(asset, method)]: runs pooled over assets (one seed each, say)
+    "`stratified+svd`": [("toy_results_stratified_svd.json", "stratified+svd")],
+    "`dylora+svd`": [("toy_results_dylora_svd.json", "dylora+svd")],
+    "`nested` (6 forwards per step)": [(NESTED, "nested"), ("toy_results_nested_seed1.json", "nested"),
+                                       ("toy_results_nested_seed2.json", "nested")],
+}
+
+
+def svd_rows():
+    """[(label, scaling, lr, per-seed runs, extra GFLOPs)] for every row of the SVD comparison."""
+    toy, sq, no = load(TOY), load(SVD_SQRT), load(SVD_NONE)
+    for source in (sq, no):
+        if source["ranks"] != toy["ranks"] or source["config"]["eval_chars"] != toy["config"]["eval_chars"] \
+                or source["base"]["acc"] != toy["base"]["acc"]:
+            raise ValueError("the SVD runs were not evaluated on the same base model, ranks and test set")
+    out = []
+
+    def add(label, source, method):
+        rs = runs(source, method)
+        extra = mean([r.get("posthoc_flops", 0) for r in rs]) / 1e9
+        out.append((label, source["config"]["scaling"], source["config"]["lr"].get(method.split("+")[0]), rs, extra))
+
+    add("`lora`", toy, "lora")
+    add("`lora-svd`", sq, "lora-svd")
+    add("`lora`", no, "lora")
+    add("`lora-svd`", no, "lora-svd")
+    for m in ("dylora", "matryoshka", "stratified"):
+        add(f"`{m}`", toy, m)
+    for label, parts in OPTIONAL_SVD.items():
+        present = [(load(a), m) for a, m in parts if os.path.exists(os.path.join(ASSETS, a))]
+        if len(present) == len(parts):
+            rs = [r for source, m in present for r in runs(source, m)]
+            extra = mean([r.get("posthoc_flops", 0) for r in rs]) / 1e9
+            out.append((label, present[0][0]["config"]["scaling"], present[0][0]["config"]["lr"].get(
+                parts[0][1].split("+")[0]), rs, extra))
+    return toy["ranks"], out
+
+
+@table("svd_comparison", TOY, SVD_SQRT, SVD_NONE)
+def svd_comparison():
+    ranks, rows_ = svd_rows()
+    lines = [header(["method", "scaling", "lr", "seeds"] + ranks_head(ranks)
+                    + ["AURAC log2", "train TFLOPs", "post-hoc GFLOPs"])]
+    accs = []
+    for label, scaling, lr, rs, extra in rows_:
+        accs += [a for r in rs for a in r["acc"]]
+        lines.append(row([label, scaling, f"{lr:g}", len(rs)] + [pm([r["acc"][i] for r in rs])
+                                                                 for i in range(len(ranks))]
+                         + [pm([r["aurac_log2"] for r in rs]), f"{mean([r['train_flops'] for r in rs]) / 1e12:.2f}",
+                            f"{extra:.0f}" if extra else "-"]))
+    return "\n".join(lines) + "\n\n" + noise_note(accs, load(TOY)["config"]["eval_chars"], 3) + (
+        " `-svd` / `+svd`: the trained adapter re-ordered by `mlora.svd_reorder`, calibrated on "
+        f"{load(SVD_SQRT)['config']['svd_calibration_chars']:,} characters of the training split (whitened SVD); "
+        "its cost is the post-hoc column. Rates: each method at the one rate shown, not swept here.")
+
+
+@table("svd_winners", TOY, SVD_SQRT, SVD_NONE)
+def svd_winners():
+    ranks, rows_ = svd_rows()
+    full = [r for r in rows_ if len(r[3]) == 3]   # only rows with 3 seeds
+    groups = {"trained hierarchy": [r for r in full if r[0].strip("`").split("`")[0] in
+                                    ("dylora", "matryoshka", "stratified", "nested")],
+              "LoRA + SVD": [r for r in full if r[0] == "`lora-svd`"],
+              "hierarchy + SVD": [r for r in full if r[0].endswith("+svd`")]}
+    groups = {g: rs for g, rs in groups.items() if rs}
+
+    def name(r):
+        return f"{r[0]} ({r[1]}, {r[2]:g})"
+
+    lines = [header(["rank"] + [f"best {g}" for g in groups]
+                    + ["hierarchy - LoRA + SVD (Welch t)", "verdict"])]
+    for i, k in enumerate(ranks + ["AURAC log2"]):
+        value = (lambda r: [x["aurac_log2"] for x in r[3]]) if k == "AURAC log2" else \
+            (lambda r, i=i: [x["acc"][i] for x in r[3]])
+        best = {g: max(rs, key=lambda r: mean(value(r))) for g, rs in groups.items()}
+        a, b = value(best["trained hierarchy"]), value(best["LoRA + SVD"])
+        t = welch_t(a, b)
+        verdict = "tie within the seed spread" if abs(t) <= T_CRIT_3V3 else (
+            "trained hierarchy wins" if t > 0 else "LoRA + SVD wins")
+        lines.append(row([k] + [f"{name(best[g])} {mean(value(best[g])):.4f}" for g in groups]
+                         + [f"{mean(a) - mean(b):+.4f} (t {t:.1f})", verdict]))
+    return "\n".join(lines) + (
+        f"\n\nEach cell: the row with the highest 3-seed mean within its group (rows of the table above with 3 "
+        f"seeds). 'wins' needs |t| > {T_CRIT_3V3}, as above; the test-set noise (binomial SE about 0.004 per "
+        "accuracy, the same text for every method) is not in t.")
+
+
+ONE_FORWARD = "one_forward_study.json"   # scripts/one_forward_study.py
+
+
+@table("one_forward", ONE_FORWARD)
+def one_forward():
+    d = load(ONE_FORWARD)
+    ranks, res = d["ranks"], d["results"]
+    ref = res["nested (|S| forwards) [none]"]
+    lines = [header(["method [scaling]", "lr per seed"] + ranks_head(ranks)
+                    + ["AURAC log2", "vs exact nested [none], paired"])]
+    for name, r in sorted(res.items(), key=lambda kv: -kv[1]["aurac"]):
+        if r["per_seed"] is None:
+            paired = "-"
+        else:
+            diffs = [r["per_seed"][str(s)]["aurac"] - ref["per_seed"][str(s)]["aurac"] for s in d["config"]["seeds"]]
+            paired = f"{mean(diffs):+.4f} ± {std(diffs):.4f}"
+        lrs = "-" if r["lrs"] is None else "/".join(f"{x:g}" for x in r["lrs"])
+        lines.append(row([name, lrs] + [f"{v:.3f}" for v in r["scores"]]
+                         + [f"{r['aurac']:.4f} ± {r['aurac_std']:.4f}", paired]))
+    c, p = d["config"], d["provenance"]
+    return "\n".join(lines) + (
+        f"\n\nScore at rank k: the fraction of the base model's output error that the rank-k adapter removes "
+        f"(1 = the target). Mean over {len(c['seeds'])} seeds, each a different random problem (d = {c['d']}, "
+        f"rank {c['rank']}, {c['steps']} Adam steps of batch {c['batch']}); ± is the std over seeds, which mostly "
+        f"measures how the problems differ, so the last column gives each method's AURAC minus the exact nested "
+        f"objective's on the same problem. Each row's rate is picked per seed from {c['lrs']} by its own AURAC: "
+        f"the population score, the same quantity reported. Run: `{p['command']}` at commit `{p['commit'][:10]}`"
+        + (" (with uncommitted changes)" if p["dirty"] else "") + f", {p['cpu']}, torch {p['torch']}, {p['date']}.")
+
+
+# -----------------------------------------------------------------------------
 # per-layer ranks under a budget (examples/budget.py)
 
 
