@@ -34,6 +34,8 @@ DOCUMENTS = ["README.md", os.path.join("docs", "evidence.md")]
 TOY = "toy_results_3seeds.json"            # lora, dylora, matryoshka, stratified; seeds 0, 1, 2
 ORACLE = "toy_results_lora_per_rank_seed0.json"   # one LoRA per rank, seed 0
 NESTED = "toy_results_nested_seed0.json"  # the exact nested objective, seed 0
+SVD_SQRT = "toy_results_lora_svd_sqrt.json"     # lora and lora-svd, sqrt scaling, lr 1e-3, seeds 0-2
+SVD_NONE = "toy_results_lora_svd_none.json"     # lora and lora-svd, no scaling, lr 3e-3, seeds 0-2
 BUDGET = "budget.json"                     # examples/budget.py
 BENCH = "bench_cpu.json"                   # bench.py --out assets/bench_cpu.json
 
@@ -166,11 +168,15 @@ def toy_command(results):
     return " ".join(args)
 
 
-@table("toy_command", TOY, ORACLE, NESTED)
+@table("toy_command", TOY, ORACLE, NESTED, SVD_SQRT, SVD_NONE)
 def toy_command_table():
     lines = ["```bash"]
     for name in (TOY, ORACLE, NESTED):
         lines.append(toy_command(load(name)) + f"   # out/results.json, committed as assets/{name}")
+    later = [SVD_SQRT, SVD_NONE] + [a for parts in OPTIONAL_SVD.values() for a, _ in parts if a != NESTED]
+    for name in later:   # runs that record their own command
+        if os.path.exists(os.path.join(ASSETS, name)):
+            lines.append(load(name)["provenance"]["command"] + f"   # committed as assets/{name}")
     lines.append("```")
     return "\n".join(lines)
 
@@ -217,7 +223,7 @@ def acc_rows(results, methods, with_cost=True):
     return lines, accs
 
 
-@table("toy_headline", TOY, ORACLE, NESTED)
+@table("toy_headline", TOY, ORACLE, NESTED, SVD_SQRT, SVD_NONE)
 def toy_headline():
     results, oracle, nested = load(TOY), load(ORACLE), load(NESTED)
     ranks, n = results["ranks"], results["config"]["eval_chars"]
@@ -229,9 +235,17 @@ def toy_headline():
         cells = [f"`{m}`", len(rs)] + [pm([r["acc"][i] for r in rs]) for i in show]
         accs += [r["acc"][i] for r in rs for i in show]
         lines.append(row(cells + [pm([r["aurac_log2"] for r in rs])]))
-    for other, label in ((nested, "`nested` (one forward per rank)"), (oracle, "`lora-per-rank` (one LoRA per rank)")):
+    for source, label in ((load(SVD_SQRT), "`lora-svd` (`lora` re-ordered by SVD)"),
+                          (load(SVD_NONE), "`lora-svd`, scaling none, lr 3e-3")):
+        rs = runs(source, "lora-svd")
+        accs += [r["acc"][i] for r in rs for i in show]
+        lines.append(row([label, len(rs)] + [pm([r["acc"][i] for r in rs]) for i in show]
+                         + [pm([r["aurac_log2"] for r in rs])]))
+    nested_runs = [r for a, _ in OPTIONAL_SVD["`nested` (6 forwards per step)"]
+                   if os.path.exists(os.path.join(ASSETS, a)) for r in runs(load(a), "nested")]
+    for other, label in ((nested, "`nested` (6 forwards per step)"), (oracle, "`lora-per-rank` (one LoRA per rank)")):
         (m,) = other["methods"]
-        rs = runs(other, m)
+        rs = nested_runs if m == "nested" else runs(other, m)
         accs += [rs[0]["acc"][i] for i in show]
         lines.append(row([label, len(rs)] + [pm([r["acc"][i] for r in rs]) for i in show]
                          + [pm([r["aurac_log2"] for r in rs])]))
@@ -330,8 +344,6 @@ def toy_steps():
 # -----------------------------------------------------------------------------
 # the post-hoc SVD baseline beside the nested methods (train_toy.py lora-svd, --svd)
 
-SVD_SQRT = "toy_results_lora_svd_sqrt.json"     # lora and lora-svd, sqrt scaling, lr 1e-3, seeds 0-2
-SVD_NONE = "toy_results_lora_svd_none.json"     # lora and lora-svd, no scaling, lr 3e-3, seeds 0-2
 OPTIONAL_SVD = {   # row label -> [(asset, method)]: runs pooled over assets (one seed each, say)
     "`stratified+svd`": [("toy_results_stratified_svd.json", "stratified+svd")],
     "`dylora+svd`": [("toy_results_dylora_svd.json", "dylora+svd")],
@@ -392,31 +404,37 @@ def svd_comparison():
 def svd_winners():
     ranks, rows_ = svd_rows()
     full = [r for r in rows_ if len(r[3]) == 3]   # only rows with 3 seeds
-    groups = {"trained hierarchy": [r for r in full if r[0].strip("`").split("`")[0] in
-                                    ("dylora", "matryoshka", "stratified", "nested")],
-              "LoRA + SVD": [r for r in full if r[0] == "`lora-svd`"],
-              "hierarchy + SVD": [r for r in full if r[0].endswith("+svd`")]}
+    base = lambda r: r[0].strip("`").split("`")[0].split(" ")[0]
+    groups = {"one-forward hierarchy": [r for r in full if base(r) in ("dylora", "matryoshka", "stratified")],
+              "exact nested (6 forwards)": [r for r in full if base(r) == "nested"],
+              "hierarchy + SVD": [r for r in full if r[0].endswith("+svd`")],
+              "LoRA + SVD": [r for r in full if r[0] == "`lora-svd`"]}
     groups = {g: rs for g, rs in groups.items() if rs}
+    versus = [g for g in groups if g != "LoRA + SVD"]
 
     def name(r):
-        return f"{r[0]} ({r[1]}, {r[2]:g})"
+        return f"{r[0].split(' (')[0]} ({r[1]}, {r[2]:g})"
 
-    lines = [header(["rank"] + [f"best {g}" for g in groups]
-                    + ["hierarchy - LoRA + SVD (Welch t)", "verdict"])]
+    def verdict(t):
+        return "tie" if abs(t) <= T_CRIT_3V3 else ("**hierarchy**" if t > 0 else "**SVD**")
+
+    lines = [header(["rank"] + [f"best {g}" for g in groups] + [f"{g} - LoRA + SVD (t): winner" for g in versus])]
     for i, k in enumerate(ranks + ["AURAC log2"]):
         value = (lambda r: [x["aurac_log2"] for x in r[3]]) if k == "AURAC log2" else \
             (lambda r, i=i: [x["acc"][i] for x in r[3]])
         best = {g: max(rs, key=lambda r: mean(value(r))) for g, rs in groups.items()}
-        a, b = value(best["trained hierarchy"]), value(best["LoRA + SVD"])
-        t = welch_t(a, b)
-        verdict = "tie within the seed spread" if abs(t) <= T_CRIT_3V3 else (
-            "trained hierarchy wins" if t > 0 else "LoRA + SVD wins")
-        lines.append(row([k] + [f"{name(best[g])} {mean(value(best[g])):.4f}" for g in groups]
-                         + [f"{mean(a) - mean(b):+.4f} (t {t:.1f})", verdict]))
+        svd = value(best["LoRA + SVD"])
+        cells = [k] + [f"{name(best[g])} {mean(value(best[g])):.4f}" for g in groups]
+        for g in versus:
+            a = value(best[g])
+            t = welch_t(a, svd)
+            cells.append(f"{mean(a) - mean(svd):+.4f} ({t:.1f}): {verdict(t)}")
+        lines.append(row(cells))
     return "\n".join(lines) + (
         f"\n\nEach cell: the row with the highest 3-seed mean within its group (rows of the table above with 3 "
-        f"seeds). 'wins' needs |t| > {T_CRIT_3V3}, as above; the test-set noise (binomial SE about 0.004 per "
-        "accuracy, the same text for every method) is not in t.")
+        f"seeds), then its difference from the best LoRA + SVD row with Welch's t. A winner needs |t| > "
+        f"{T_CRIT_3V3}, as above; the test-set noise (binomial SE about 0.004 per accuracy, the same text for "
+        "every method) is not in t.")
 
 
 ONE_FORWARD = "one_forward_study.json"   # scripts/one_forward_study.py
