@@ -1184,17 +1184,23 @@ class GPT(nn.Module):
         return model if dtype is None else model.to(dtype)
 
 
+def _read_json(file: str):
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{file} is not valid JSON ({e})") from e
+
+
 def _gpt2_config_from_hf(path: str) -> GPTConfig:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no checkpoint directory at {path!r} (mlora reads local directories only)")
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{path!r} has no config.json")
-    try:
-        with open(config_file) as f:
-            hf = json.load(f)
-    except ValueError as e:
-        raise ValueError(f"{config_file} is not valid JSON ({e})") from e
+    hf = _read_json(config_file)
+    if not isinstance(hf, dict):
+        raise ValueError(f"{config_file} holds a {type(hf).__name__}, not a config object")
     if hf.get("model_type") != "gpt2":
         raise ValueError(f"{config_file}: model_type is {hf.get('model_type')!r}; GPT.from_pretrained reads GPT-2 only")
     absent = [k for k in ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd") if k not in hf]
@@ -1823,11 +1829,7 @@ def _read_peft_config(adapter_dir: str) -> dict:
     file = os.path.join(adapter_dir, "adapter_config.json")
     if not os.path.isfile(file):
         raise FileNotFoundError(f"no adapter_config.json in {adapter_dir!r} (import_peft reads local directories)")
-    try:
-        with open(file) as f:
-            cfg = json.load(f)
-    except ValueError as e:
-        raise ValueError(f"{file} is not valid JSON ({e})") from e
+    cfg = _read_json(file)
     if not isinstance(cfg, dict):
         raise ValueError(f"{file} holds a {type(cfg).__name__}, not a config object")
 
