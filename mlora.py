@@ -554,7 +554,9 @@ class MatryoshkaLinear(nn.Module):
 
     def check_unmerge(self):
         """Raise if unmerge could not restore the weight: subtracting the delta needs the
-        adapter exactly as it was merged."""
+        adapter exactly as it was merged. In-place changes are seen through the tensors'
+        version counters (optimizer steps, copy_, load_adapter_state_dict); writes through
+        `.data` bypass them and cannot be seen."""
         if (self.merged_rank is not None and self._original_weight is None
                 and self._merged_versions != (self.lora_A._version, self.lora_B._version)):
             raise RuntimeError(f"the adapter was changed in place while merged at rank {self.merged_rank}; "
