@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (issue 13) in one command, a few minutes on one GPU:
+# The GPU check in one command, a few minutes on one GPU:
 #   1. the CUDA tests (tests/test_cuda.py: adapters, merge, export, mixed ranks; float32 and bf16 vs the CPU)
 #   2. python bench.py --device cuda        (eager: see BENCH_FLAGS below)
 #   3. python train_toy.py --device cuda    (its default methods; bf16 autocast, TF32, compile, char-gpu)

@@ -1,4 +1,4 @@
-"""Tests of mlora.py's core (issue 2): P schedules, MatryoshkaLinear, model surgery,
+"""Tests of mlora.py's core: P schedules, MatryoshkaLinear, model surgery,
 merge, adapter state and AURAC.
 
 Every equivalence is checked on the forward output and on the gradients of

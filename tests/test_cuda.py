@@ -1,4 +1,4 @@
-"""The GPU path against the CPU (issue 13): adapter forward and backward, merge and unmerge,
+"""The GPU path against the CPU: adapter forward and backward, merge and unmerge,
 export_peft, and mixed per-row ranks, in float32 and bf16, compared with the same model
 computed on the CPU in float32.
 

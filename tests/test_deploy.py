@@ -1,4 +1,4 @@
-"""Deployment (issue 6): PEFT export, mixed ranks in one batch, per-layer ranks under a budget.
+"""Deployment: PEFT export, mixed ranks in one batch, per-layer ranks under a budget.
 
 PEFT and transformers are test-only dependencies: every model here is a tiny
 random one built in the test, so nothing is downloaded. Tolerances are 1e-5 on

@@ -1,4 +1,4 @@
-"""Post-hoc SVD hierarchy and PEFT import (issue 12): svd_reorder and import_peft.
+"""Post-hoc SVD hierarchy and PEFT import: svd_reorder and import_peft.
 
 svd_reorder is checked against SVDs computed here directly from the update
 s(r) B A (float64 throughout, so the tolerances are rounding-sized: 1e-10
