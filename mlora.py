@@ -93,22 +93,26 @@ def _check_rank(rank, name="rank") -> int:
     return int(rank)
 
 
+def _check_rank_list(ranks, top: int, name: str = "ranks", item: str = "rank") -> List[int]:
+    """A non-empty list of distinct positive ints, none above top, in the order given."""
+    if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Iterable):
+        raise ValueError(f"{name} must be a list of positive ints, got {ranks!r}")
+    ranks = list(ranks)
+    if not ranks:
+        raise ValueError(f"{name} is empty; give at least one rank")
+    for k in ranks:
+        _check_rank(k, f"{item} in {name}={ranks}")
+        if k > top:
+            raise ValueError(f"{item} {k} is above the adapter rank {top} ({name}={ranks})")
+    if len(set(ranks)) != len(ranks):
+        raise ValueError(f"{name} has duplicates: {ranks}")
+    return [int(k) for k in ranks]
+
+
 def _check_train_ranks(train_ranks, rank: int) -> List[int]:
     if train_ranks is None:
         return default_train_ranks(rank)
-    if isinstance(train_ranks, (str, bytes)) or not isinstance(train_ranks, Iterable):
-        raise ValueError(f"train_ranks must be a list of positive ints, got {train_ranks!r}")
-    ranks = list(train_ranks)
-    if not ranks:
-        raise ValueError("train_ranks is empty; give at least one rank")
-    for k in ranks:
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-            raise ValueError(f"train rank {k!r} is not a positive int (train_ranks={ranks})")
-        if k > rank:
-            raise ValueError(f"train rank {k} is above the adapter rank {rank} (train_ranks={ranks})")
-    if len(set(ranks)) != len(ranks):
-        raise ValueError(f"train_ranks has duplicates: {ranks}")
-    return sorted(int(k) for k in ranks)
+    return sorted(_check_rank_list(train_ranks, rank, "train_ranks", "train rank"))
 
 
 def _check_scaling(scaling: str, alpha: float):
@@ -731,19 +735,7 @@ def set_rank(model: nn.Module, rank):
 
 def _check_eval_ranks(ranks, layers) -> List[int]:
     """A non-empty list of distinct ranks, each within every adapter's rank."""
-    if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Iterable):
-        raise ValueError(f"ranks must be a list of positive ints, got {ranks!r}")
-    ranks = list(ranks)
-    if not ranks:
-        raise ValueError("ranks is empty; give at least one rank")
-    top = min(layer.rank for layer in layers.values())
-    for k in ranks:
-        _check_rank(k, f"rank in {ranks}")
-        if k > top:
-            raise ValueError(f"rank {k} is above the adapter rank {top}")
-    if len(set(ranks)) != len(ranks):
-        raise ValueError(f"ranks has duplicates: {ranks}")
-    return [int(k) for k in ranks]
+    return _check_rank_list(ranks, min(layer.rank for layer in layers.values()))
 
 
 def _saved_ranks(layers):
@@ -1115,7 +1107,9 @@ class GPT(nn.Module):
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
-        if not torch.compiler.is_compiling() and idx.numel():   # a bad id would be a device assert on CUDA
+        # a bad id is an opaque IndexError on the CPU; on an accelerator it is already a device
+        # assert, and checking it here would cost a host sync on every forward
+        if idx.device.type == "cpu" and not torch.compiler.is_compiling() and idx.numel():
             lo, hi = idx.aminmax()
             if lo < 0 or hi >= self.config.vocab_size:
                 bad = int(lo) if lo < 0 else int(hi)
@@ -1186,12 +1180,16 @@ class GPT(nn.Module):
         return model if dtype is None else model.to(dtype)
 
 
-def _read_json(file: str):
+def _read_json_object(file: str) -> dict:
+    """A JSON file that must hold one object (a config)."""
     try:
         with open(file) as f:
-            return json.load(f)
+            obj = json.load(f)
     except ValueError as e:
         raise ValueError(f"{file} is not valid JSON ({e})") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{file} holds a {type(obj).__name__}, not a config object")
+    return obj
 
 
 def _gpt2_config_from_hf(path: str) -> GPTConfig:
@@ -1200,9 +1198,7 @@ def _gpt2_config_from_hf(path: str) -> GPTConfig:
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{path!r} has no config.json")
-    hf = _read_json(config_file)
-    if not isinstance(hf, dict):
-        raise ValueError(f"{config_file} holds a {type(hf).__name__}, not a config object")
+    hf = _read_json_object(config_file)
     if hf.get("model_type") != "gpt2":
         raise ValueError(f"{config_file}: model_type is {hf.get('model_type')!r}; GPT.from_pretrained reads GPT-2 only")
     absent = [k for k in ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd") if k not in hf]
@@ -1831,9 +1827,7 @@ def _read_peft_config(adapter_dir: str) -> dict:
     file = os.path.join(adapter_dir, "adapter_config.json")
     if not os.path.isfile(file):
         raise FileNotFoundError(f"no adapter_config.json in {adapter_dir!r} (import_peft reads local directories)")
-    cfg = _read_json(file)
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{file} holds a {type(cfg).__name__}, not a config object")
+    cfg = _read_json_object(file)
 
     def bad(field, why):
         return ValueError(f"{file}: {field}={cfg.get(field)!r} {why}")

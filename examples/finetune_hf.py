@@ -726,12 +726,9 @@ def evaluate_and_export(model, held, calib, args, rt, results):
         exports = {f"rank_{k}": k for k in args.export_ranks}
         if plan is not None:
             exports["budget"] = plan
-        for name, rank in exports.items():
-            final, tmp = os.path.join(args.out_dir, "peft", name), os.path.join(args.out_dir, "peft", f".tmp-{name}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            mlora.export_peft(skeleton, rank, tmp, base_model_name_or_path=args.model)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+        for name, rank in exports.items():   # export_peft replaces each folder as a whole
+            mlora.export_peft(skeleton, rank, os.path.join(args.out_dir, "peft", name),
+                              base_model_name_or_path=args.model)
         results["exports"] = {name: os.path.join("peft", name) for name in exports}
         mlora.atomic_write(os.path.join(args.out_dir, "results.json"), lambda f: write_json(results, f))
         print(f"wrote {args.out_dir}/results.json, adapter.pt and {len(exports)} PEFT adapters in "
