@@ -37,13 +37,16 @@ import numbers
 import os
 import re
 import shutil
+import sys
 import tempfile
+import weakref
 from dataclasses import dataclass, asdict
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint as _torch_checkpoint
 
 __all__ = [
     "rank_scale", "default_train_ranks",
@@ -51,7 +54,7 @@ __all__ = [
     "make_schedule", "MatryoshkaLinear",
     "inject", "remove", "adapter_layers", "get_schedule", "set_rank", "nested_loss",
     "merge", "unmerge", "adapter_state_dict", "load_adapter_state_dict",
-    "save_adapter", "load_adapter", "atomic_write", "aurac", "evaluate_ranks",
+    "save_adapter", "load_adapter", "adapter_config", "atomic_write", "aurac", "evaluate_ranks",
     "GPTConfig", "PRESETS", "GPT", "CharTokenizer", "HFTokenizer", "load_tokenizer",
 ]
 
@@ -486,29 +489,56 @@ class MatryoshkaLinear(nn.Module):
             return self.base_layer(x)
         y = self.base_layer(x)                                   # (..., out)
         A, B = self.lora_A, self.lora_B
-        rank = self.active_rank
+        rank, p, frozen = self._forward_state(x)
         if rank is None:                                         # training: diag(p) from the schedule
-            p = self.schedule.device_p(x.shape[0], A.device, A.dtype)   # (k,) or (batch, k)
-            k, frozen = p.shape[-1], self.schedule.frozen_below
+            k = p.shape[-1]                                      # p: (k,) or (batch, k)
             if k < self.rank:   # a full-width slice only adds autograd nodes that zero-fill and copy the grads
                 A, B = A[:k], B[:, :k]
             if frozen > 0:   # frozen DyLoRA: the lower components take part but learn nothing
                 A = torch.cat([A[:frozen].detach(), A[frozen:]])
                 B = torch.cat([B[:, :frozen].detach(), B[:, frozen:]], dim=1)
-        elif isinstance(rank, int):                              # one inference rank
-            p = self.schedule.scale(rank)
+        elif isinstance(rank, int):                              # one inference rank: p is s(k)
             if rank < self.rank:
                 A, B = A[:rank], B[:, :rank]
-        else:                                                    # a rank per batch row
+        else:                                                    # a rank per batch row: p is (batch, kmax)
             if x.dim() < 2 or x.shape[0] != len(rank):
                 raise ValueError(f"per-row ranks were set for a batch of {len(rank)}, "
                                  f"got input of shape {tuple(x.shape)}")
-            p = self._row_p.to(A.device, A.dtype)
+            p = p.to(A.device, A.dtype)
             A, B = A[:p.shape[-1]], B[:, :p.shape[-1]]
         if torch.is_tensor(p) and p.dim() == 2:                  # one row of p per batch row
             p = p.view(p.shape[0], *([1] * (x.dim() - 2)), p.shape[1])   # (batch, 1.., k)
         h = F.linear(self.lora_dropout(x).to(A.dtype), A)        # (..., k)
         return y + F.linear(h * p, B).to(y.dtype)                # (..., out)
+
+    def _forward_state(self, x: torch.Tensor):
+        """(rank, p, frozen) for this call: the rank set by set_rank (None while training), the
+        scales p and the frozen-component count.
+
+        They are read from mutable state (the schedule's step, set_rank), which autograd does not
+        see, so a forward that gradient checkpointing re-runs during backward must not read them
+        again: it replays what its original forward used (see _CheckpointRegion)."""
+        region = _CheckpointRegion.current()
+        if region is not None and region.recomputing:
+            return region.replay(self)
+        if region is None and torch.is_grad_enabled() and not torch.compiler.is_compiling() and _in_backward():
+            raise RuntimeError(
+                "an mlora adapter ran with gradients inside a backward pass, outside any "
+                "torch.utils.checkpoint recompute mlora can see, so it cannot know which rank or "
+                "draw the original forward used. Checkpoint with torch.utils.checkpoint "
+                "(reentrant or not) around whole modules, and do not run training forwards in "
+                "backward hooks.")
+        rank = self.active_rank
+        if rank is None:
+            p = self.schedule.device_p(x.shape[0], self.lora_A.device, self.lora_A.dtype)
+            state = (None, p, self.schedule.frozen_below)
+        elif isinstance(rank, int):
+            state = (rank, self.schedule.scale(rank), 0)
+        else:
+            state = (rank, self._row_p, 0)
+        if region is not None:
+            region.record(self, state)
+        return state
 
     # --- merging --------------------------------------------------------------
 
@@ -620,21 +650,118 @@ def get_schedule(model: nn.Module) -> Schedule:
     return next(iter(_require_adapters(model).values())).schedule
 
 
+# Gradient checkpointing re-runs forwards during backward. What an adapter computes
+# depends on state autograd does not see (the schedule's draw, the rank set by
+# set_rank), and that state may have moved on by the time backward runs (a second
+# forward before one backward, nested_loss restoring the ranks, a whole-model
+# recompute firing the model's pre-hook again). So each adapter call inside a
+# checkpointed region records what it used on the region itself, in call order,
+# and the recompute of that region replays the records in the same order.
+
+_CHECKPOINT_FRAME = getattr(_torch_checkpoint, "_CheckpointFrame", None)          # use_reentrant=False
+_REENTRANT = getattr(_torch_checkpoint, "CheckpointFunction", None)              # use_reentrant=True
+_REENTRANT_CODES = {} if _REENTRANT is None else {
+    _REENTRANT.forward.__code__: False, _REENTRANT.backward.__code__: True}      # code -> recomputing
+
+
+def _in_backward() -> bool:
+    """Is this thread running a backward pass (where checkpoint recomputes run)?"""
+    return torch._C._current_graph_task_id() != -1
+
+
+class _CheckpointRegion:
+    """The torch.utils.checkpoint call an adapter forward runs in, if any.
+
+    owner is the object torch keeps for that call until its backward: the frame of a
+    non-reentrant checkpoint (found through the saved-tensor hooks it installs) or the
+    autograd ctx of a reentrant one (found on the Python stack). The records live on it,
+    so they are freed with the graph. recomputing: this call is the re-run in backward.
+    """
+
+    def __init__(self, owner, recomputing: bool):
+        self.owner, self.recomputing = owner, recomputing
+
+    @staticmethod
+    def current() -> Optional["_CheckpointRegion"]:
+        if torch.compiler.is_compiling():   # compiled checkpoints recompute inside the graph, not in Python
+            return None
+        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        if hooks is not None and _CHECKPOINT_FRAME is not None:
+            region = _CheckpointRegion._from_hooks(hooks[0])
+            if region is not None:
+                if not region.recomputing and _in_backward():
+                    raise RuntimeError("a checkpoint nested inside the recompute of another checkpoint "
+                                       "runs mlora adapters; mlora replays one level of checkpointing only")
+                return region
+        if torch.is_grad_enabled() and not _in_backward():
+            return None   # a plain forward: a reentrant checkpoint runs its forward without gradients
+        frame = sys._getframe(2)
+        while frame is not None:
+            recomputing = _REENTRANT_CODES.get(frame.f_code)
+            if recomputing is not None:
+                return _CheckpointRegion(frame.f_locals.get("ctx"), recomputing)
+            frame = frame.f_back
+        return None
+
+    @staticmethod
+    def _from_hooks(pack_hook) -> Optional["_CheckpointRegion"]:
+        while hasattr(pack_hook, "__wrapped__"):   # torch wraps the recompute's hook
+            pack_hook = pack_hook.__wrapped__
+        for cell in getattr(pack_hook, "__closure__", None) or ():
+            try:
+                value = cell.cell_contents
+            except ValueError:   # an empty cell
+                continue
+            if isinstance(value, weakref.ReferenceType):   # the recompute holds its frame weakly
+                value = value()
+                if isinstance(value, _CHECKPOINT_FRAME):
+                    return _CheckpointRegion(value, True)
+            elif isinstance(value, _CHECKPOINT_FRAME):
+                return _CheckpointRegion(value, False)
+        return None
+
+    def record(self, layer: "MatryoshkaLinear", state: tuple):
+        self.owner.__dict__.setdefault("_mlora_records", []).append((layer, state))
+
+    def replay(self, layer: "MatryoshkaLinear") -> tuple:
+        records = self.owner.__dict__.get("_mlora_records", [])
+        cursors = self.owner.__dict__.setdefault("_mlora_cursor", {})   # one re-run per backward pass
+        graph_task = torch._C._current_graph_task_id()
+        i = cursors.get(graph_task, 0)
+        if i >= len(records) or records[i][0] is not layer:
+            raise RuntimeError(
+                f"the gradient-checkpointing recompute called adapter {layer.extra_repr()!r} where "
+                f"its original forward called {'nothing' if i >= len(records) else records[i][0].extra_repr()!r}"
+                f" (call {i}): the checkpointed function must call the same adapters in the same order")
+        cursors[graph_task] = i + 1
+        return records[i][1]
+
+
 class _AdvanceHook:
     """Forward pre-hook on the model: one schedule step per forward that can train
-    the adapters (MatryoshkaLinear.trains: gradients on, adapters require grad).
+    the adapters (gradients on and adapters that require grad, or the gradient-free
+    first pass of a reentrant checkpoint, which backward re-runs with gradients).
 
     Train or eval mode does not matter: Hugging Face's from_pretrained returns
     models in eval mode, and training one so must still draw a new DyLoRA /
-    stratified rank every step. A class rather than a closure so that models stay
-    picklable and deepcopy keeps the copy's hook pointed at the copy's adapters.
+    stratified rank every step. A forward run during backward (a checkpoint
+    recompute of the whole model) never advances: it replays its original draw.
+    A class rather than a closure so that models stay picklable and deepcopy
+    keeps the copy's hook pointed at the copy's adapters.
     """
 
     def __init__(self, schedule: Schedule, layers: List["MatryoshkaLinear"]):
         self.schedule, self.layers = schedule, layers
 
     def __call__(self, module, args):
+        if not torch.compiler.is_compiling() and _in_backward():
+            return
         training = [layer for layer in self.layers if layer.trains()]
+        if not training and not torch.is_grad_enabled():
+            region = _CheckpointRegion.current()
+            if region is not None and not region.recomputing:
+                training = [layer for layer in self.layers
+                            if layer.lora_A.requires_grad or layer.lora_B.requires_grad]
         for layer in training:   # refuse before anything changes
             layer.refuse_if_merged()
         self.schedule._pending = bool(training) and self.schedule.auto_advance
@@ -643,12 +770,14 @@ class _AdvanceHook:
 def inject(model: nn.Module, targets: Union[str, Sequence[str]], rank: int,
            method: str = "matryoshka", train_ranks=None, scaling: str = "sqrt",
            alpha: float = 1.0, dropout: float = 0.0, seed: int = 0, dtype=None,
-           **schedule_options) -> List[str]:
+           missing_ok: bool = False, **schedule_options) -> List[str]:
     """Replace the model's matching linear layers with MatryoshkaLinear adapters.
 
     targets: a name or list of names; each matches a module name exactly, as a
     dotted suffix ('c_attn' matches 'transformer.h.0.attn.c_attn'), or as a full
-    regex. Every parameter that is not an adapter is frozen. Returns the
+    regex. Each entry must match at least one linear layer (a typo would silently
+    train fewer layers); missing_ok=True accepts entries that match nothing, for a
+    list shared across architectures. Every parameter that is not an adapter is frozen. Returns the
     replaced names. Extra options go to the schedule (weights and normalize for
     matryoshka; sample and frozen for dylora). dtype defaults to each base
     weight's dtype; pass torch.float32 to train float32 adapters on a bf16 model.
@@ -672,6 +801,11 @@ def inject(model: nn.Module, targets: Union[str, Sequence[str]], rank: int,
     if not names:
         raise ValueError(f"targets {targets} matched no linear layer; linear layers are named like "
                          f"{linear_names[:6]}")
+    unmatched = [t for t in targets if not any(_target_matches(n, t) for n in linear_names)]
+    if unmatched and not _check_flag(missing_ok, "missing_ok"):
+        raise ValueError(f"targets entry {unmatched[0]!r} matched no linear layer (the others matched "
+                         f"{len(names)} layers); linear layers are named like {linear_names[:6]}. "
+                         "Pass missing_ok=True to allow entries that match nothing")
     modules = dict(model.named_modules())
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
@@ -748,24 +882,38 @@ def _restore_ranks(layers, saved):
 
 
 def nested_loss(model: nn.Module, compute_loss: Callable[[], torch.Tensor],
-                ranks: Optional[Sequence[int]] = None, weights=None) -> torch.Tensor:
+                ranks: Optional[Sequence[int]] = None, weights=None, backward: bool = False) -> torch.Tensor:
     """The exact nested objective: sum over k in ranks of w_k * loss at rank k.
 
     Runs compute_loss() once per rank with the model set to that rank (|S|
     forwards) and returns the weighted sum, ready for backward(). ranks default
     to the schedule's train ranks. The ranks set before the call are restored.
+
+    backward=True runs each rank's backward right after its forward and returns the
+    detached sum: the same gradients (summed in another order, so equal to rounding),
+    with one rank's activations alive at a time instead of |S| (under DDP, wrap all
+    but the last rank in no_sync yourself, or each backward all-reduces).
+
+    Gradient checkpointing and accumulation compose: each forward records the rank it
+    ran at on its checkpointed regions, and a recompute during a later backward replays
+    that rank, whatever set_rank says by then (see _CheckpointRegion).
     """
     layers = _require_adapters(model)
     if not callable(compute_loss):
-        raise ValueError(f"compute_loss must be a callable returning the loss, got {compute_loss!r}")
+        raise TypeError(f"compute_loss must be a callable returning the loss, got {compute_loss!r}")
     ranks = get_schedule(model).train_ranks if ranks is None else _check_eval_ranks(ranks, layers)
     weights = [1.0] * len(ranks) if weights is None else _check_weights(weights, len(ranks), f"ranks {ranks}")
+    backward = _check_flag(backward, "backward")
     saved = _saved_ranks(layers)
     try:
         total = 0.0
         for k, w in zip(ranks, weights):
             set_rank(model, k)
-            total = total + w * compute_loss()
+            loss = w * compute_loss()
+            if backward:
+                loss.backward()
+                loss = loss.detach()
+            total = total + loss
     finally:
         _restore_ranks(layers, saved)
     return total
@@ -904,21 +1052,50 @@ def _check_out_path(path):
         raise IsADirectoryError(f"cannot write {str(path)!r}: it is a directory")
 
 
-def load_adapter(model: nn.Module, path: str) -> dict:
-    """Load a file written by save_adapter into an injected model; returns its config."""
+def _read_adapter_file(path) -> dict:
+    """{'config', 'state'} from a save_adapter file, or a clear error naming the file."""
     if not isinstance(path, (str, os.PathLike)):
-        raise ValueError(f"path must be a str or os.PathLike, got {path!r}")
+        raise TypeError(f"path must be a str or os.PathLike, got {path!r}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no adapter file at {str(path)!r}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:   # truncated, corrupted, or not a torch file
         raise ValueError(f"{str(path)!r} is not a readable adapter file (truncated or corrupted?): {e}") from None
-    if not isinstance(payload, dict) or set(payload) != {"config", "state"}:
+    if not isinstance(payload, dict) or set(payload) != {"config", "state"} or not isinstance(payload["config"], dict):
         if isinstance(payload, dict) and payload and all(torch.is_tensor(v) for v in payload.values()):
             raise ValueError(f"{str(path)!r} holds a bare state dict, not a save_adapter file; load it with "
                              f"mlora.load_adapter_state_dict(model, torch.load(path))")
         raise ValueError(f"{str(path)!r} is not a save_adapter file (expected keys 'config' and 'state')")
+    return payload
+
+
+def adapter_config(path) -> dict:
+    """The settings a save_adapter file was written with (method, rank, train_ranks, scaling,
+    alpha and the schedule's options): inject with them, then load_adapter,
+
+        mlora.inject(model, targets, **mlora.adapter_config(path)); mlora.load_adapter(model, path)
+    """
+    return dict(_read_adapter_file(path)["config"])
+
+
+def load_adapter(model: nn.Module, path) -> dict:
+    """Load a file written by save_adapter into an injected model; returns its config.
+
+    Every setting that changes the adapter's math (method, rank, train ranks, weights,
+    scaling, alpha, normalize, sample, frozen) must equal the model's, and every tensor
+    must fit its layer: a mismatch is refused naming the setting and both values, and
+    nothing is loaded. mlora.adapter_config(path) gives the file's settings to inject with.
+    """
+    payload = _read_adapter_file(path)
+    ours, theirs = get_schedule(model).config(), payload["config"]
+    first = ["method", "rank", "train_ranks", "scaling", "alpha"]   # then the method's own options
+    for key in first + sorted((set(ours) | set(theirs)) - set(first)):
+        if key not in theirs or key not in ours or theirs[key] != ours[key]:
+            raise ValueError(
+                f"{str(path)!r} was saved with {key}={theirs.get(key, '(not recorded)')!r}, but the model's "
+                f"adapters have {key}={ours.get(key, '(no such setting)')!r}: loading would compute something "
+                f"else. Inject with the file's settings: mlora.inject(model, targets, **mlora.adapter_config(path))")
     load_adapter_state_dict(model, payload["state"])
     return payload["config"]
 
