@@ -162,7 +162,13 @@ class Schedule:
     or (batch_size, r) when each row has its own. `step` counts training
     forwards: `inject` advances it before each forward of the model that can
     train the adapters (gradients enabled and the adapters require grad), in
-    train and eval mode alike (see `advance`).
+    train and eval mode alike (see `advance`), lazily at the first adapter's use of
+    p, so a forward that fails before any adapter runs spends no draw.
+
+    Gradient checkpointing: a forward that torch.utils.checkpoint (reentrant or not,
+    per block, per Hugging Face layer or around the whole model) re-runs during
+    backward never advances the step and uses the p its original forward used, even
+    when other forwards came in between (several forwards, then one backward).
     """
 
     name = "base"
@@ -290,7 +296,8 @@ class DyLoRASchedule(Schedule):
     but only component b gets a gradient.
 
     The draw advances once per training forward of the model (the authors'
-    code, so each micro-batch gets its own b). To draw once per optimizer step
+    code, so each micro-batch gets its own b; a checkpoint recompute reuses its
+    forward's b, see Schedule). To draw once per optimizer step
     instead, set `schedule.auto_advance = False` and call `schedule.advance()`
     after each `optimizer.step()`.
     """
