@@ -7,8 +7,9 @@ whole tensor (the absolute error when want is all zero):
     float64: 1e-10  (both sides are exact up to a few roundings of ~1e-16 each)
     float32: 1e-5   (float32 epsilon is 1.2e-7; sums of a few dozen terms taken
                      in a different order stay two orders of magnitude inside)
-Models are tiny (a 12-16-10 MLP, a 12->10 linear layer, GPT 'char-tiny' with a
-32-character vocabulary), so the whole file runs in seconds.
+Each equivalence is an eq_* function returning [(label, got, want)], with the test
+that asserts it right below it. Models are tiny (a 12-16-10 MLP, a 12->10 linear
+layer, a two-block GPT with a 32-token vocabulary), so the whole file runs in seconds.
 
 `python tests/test_core.py` prints the largest error of every equivalence.
 """
@@ -16,9 +17,9 @@ import copy
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
-import textwrap
 
 if __name__ == "__main__":   # run as a script: mlora.py lives one folder up
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -26,9 +27,9 @@ if __name__ == "__main__":   # run as a script: mlora.py lives one folder up
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import mlora
+from conftest import assert_same, snapshot, tiny_gpt
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 DTYPES = [torch.float64, torch.float32]
@@ -39,8 +40,9 @@ R = 8                 # adapter rank in most tests
 S = [1, 2, 4, 8]      # its default train ranks
 D_IN, D_HIDDEN, D_OUT = 12, 16, 10
 
+
 # -----------------------------------------------------------------------------
-# helpers
+# models, data, and the output and gradients of a forward
 
 
 def s(k, scaling="sqrt", alpha=1.0):
@@ -70,7 +72,7 @@ def check(pairs, dtype):
 
 
 def compare(label, got, want):
-    """Zip two run() results into (label, got, want) triples."""
+    """Zip two output_and_grads() results into (label, got, want) triples."""
     assert [n for n, _ in got] == [n for n, _ in want], ([n for n, _ in got], [n for n, _ in want])
     return [(f"{label}: {n}", a, b) for (n, a), (_, b) in zip(got, want)]
 
@@ -87,7 +89,7 @@ class MLP(nn.Module):
         return self.fc2(torch.tanh(self.fc1(x)))
 
 
-def make_mlp(dtype=torch.float64, seed=0):
+def bare_mlp(dtype=torch.float64, seed=0):
     torch.manual_seed(seed)
     return MLP().to(dtype)
 
@@ -100,7 +102,7 @@ def randomize_B(model, seed=1):
             layer.lora_B.copy_(0.5 * torch.randn(layer.lora_B.shape, generator=g))
 
 
-def single(method, dtype=torch.float64, rank=R, **options):
+def adapted_linear(method, dtype=torch.float64, rank=R, **options):
     """One adapted 12 -> 10 linear layer (module name '0') with a random B."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(D_IN, D_OUT)).to(dtype)
@@ -109,15 +111,15 @@ def single(method, dtype=torch.float64, rank=R, **options):
     return model, model[0]
 
 
-def mlp(method, dtype=torch.float64, rank=R, **options):
+def adapted_mlp(method, dtype=torch.float64, rank=R, **options):
     """The MLP with both layers adapted and random B."""
-    model = make_mlp(dtype)
+    model = bare_mlp(dtype)
     mlora.inject(model, ["fc1", "fc2"], rank, method=method, **options)
     randomize_B(model)
     return model
 
 
-def data(dtype, shape=(6, D_IN), out=D_OUT, seed=2):
+def input_and_cotangent(dtype, shape=(6, D_IN), out=D_OUT, seed=2):
     """An input x and a cotangent w: the loss sum(y * w) makes grad y = w, a generic direction."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*shape, generator=g).to(dtype)
@@ -134,7 +136,7 @@ def adapter_grads(model):
     return out
 
 
-def run(model, x, w):
+def output_and_grads(model, x, w):
     """Forward, loss = sum(y * w), backward: [('output', y), (grad A), (grad B), ...]."""
     model.zero_grad(set_to_none=True)
     y = model(x)
@@ -144,7 +146,8 @@ def run(model, x, w):
 
 def by_hand(layer, x, w, terms):
     """y = W0 x + b + sum over (k, c) in terms of c * B[:, :k] A[:k] x, written out with
-    fresh leaf copies of A and B; returns the output and their gradients like run()."""
+    fresh leaf copies of A and B; returns the output and their gradients as
+    output_and_grads() does."""
     W0, b0 = layer.base_layer.weight.detach(), layer.base_layer.bias.detach()   # (out, in), (out,)
     A = layer.lora_A.detach().clone().requires_grad_(True)                       # (r, in)
     B = layer.lora_B.detach().clone().requires_grad_(True)                       # (out, r)
@@ -156,19 +159,24 @@ def by_hand(layer, x, w, terms):
 
 
 # -----------------------------------------------------------------------------
-# equivalences: each returns [(label, got, want)]; the tests assert them, the
-# script at the bottom prints their largest errors
+# the schedules' P vectors
 
 
 def eq_lora(dtype, scaling="sqrt", alpha=2.0):
     """The lora schedule, and inference at rank r, equal W0 x + s(r) B A x."""
-    model, layer = single("lora", dtype, scaling=scaling, alpha=alpha)
-    x, w = data(dtype)
+    model, layer = adapted_linear("lora", dtype, scaling=scaling, alpha=alpha)
+    x, w = input_and_cotangent(dtype)
     want = by_hand(layer, x, w, [(R, s(R, scaling, alpha))])
-    pairs = compare(f"lora schedule ({scaling})", run(model, x, w), want)
+    pairs = compare(f"lora schedule ({scaling})", output_and_grads(model, x, w), want)
     mlora.set_rank(model, R)
-    pairs += compare(f"lora inference rank r ({scaling})", run(model, x, w), want)
+    pairs += compare(f"lora inference rank r ({scaling})", output_and_grads(model, x, w), want)
     return pairs
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("scaling", SCALINGS)
+def test_lora_schedule_equals_plain_lora(dtype, scaling):
+    check(eq_lora(dtype, scaling), dtype)
 
 
 MATRYOSHKA_CASES = [   # (train ranks, weights, normalize)
@@ -183,268 +191,16 @@ def eq_matryoshka(dtype, scaling="sqrt", alpha=1.5):
     """B diag(p) A x equals the explicit nested sum over S of w_k s(k) B[:, :k] A[:k] x."""
     pairs = []
     for train_ranks, weights, normalize in MATRYOSHKA_CASES:
-        model, layer = single("matryoshka", dtype, train_ranks=train_ranks, scaling=scaling,
-                              alpha=alpha, weights=weights, normalize=normalize)
+        model, layer = adapted_linear("matryoshka", dtype, train_ranks=train_ranks, scaling=scaling,
+                                      alpha=alpha, weights=weights, normalize=normalize)
         ranks = train_ranks or S
         ws = weights or [1.0] * len(ranks)
         norm = sum(ws) if normalize else 1.0
-        x, w = data(dtype)
+        x, w = input_and_cotangent(dtype)
         want = by_hand(layer, x, w, [(k, wk * s(k, scaling, alpha) / norm) for k, wk in zip(ranks, ws)])
-        pairs += compare(f"matryoshka S={ranks} w={ws} normalize={normalize} ({scaling})", run(model, x, w), want)
+        pairs += compare(f"matryoshka S={ranks} w={ws} normalize={normalize} ({scaling})",
+                         output_and_grads(model, x, w), want)
     return pairs
-
-
-def eq_stratified(dtype, shape=(8, D_IN)):
-    """Each row of a stratified training forward (output and gradients) equals that
-    row run alone at its rank. Both MLP layers are adapted, so this also shows
-    that every layer of the forward uses the same draw."""
-    model = mlp("stratified", dtype, seed=3)
-    schedule = mlora.get_schedule(model)
-    schedule.auto_advance = False     # one fixed draw for every forward below
-    schedule.advance()
-    batch = shape[0]
-    ranks = schedule.row_ranks(batch)
-    assert sorted(set(ranks.tolist())) == S, ranks   # batch 8, |S| = 4: every rank is drawn
-    x, w = data(dtype, shape)
-    pairs = []
-    for n in range(batch):
-        only_row = torch.zeros_like(w)
-        only_row[n] = w[n]
-        got = run(model, x, only_row)                  # the whole batch; row n alone in the loss
-        got[0] = ("output", got[0][1][n:n + 1])
-        mlora.set_rank(model, int(ranks[n]))
-        want = run(model, x[n:n + 1], w[n:n + 1])      # row n alone at its rank
-        mlora.set_rank(model, None)
-        pairs += compare(f"stratified {len(shape)}-D row {n} (rank {int(ranks[n])})", got, want)
-    return pairs
-
-
-def loss_fn(model, x, t):
-    """A non-linear loss: the nested identity below needs more than sum(y * w)."""
-    return lambda: ((model(x) - t) ** 2).mean()
-
-
-def eq_nested_loss(dtype, weights=(0.5, 1.0, 2.0, 1.5)):
-    """nested_loss equals the weighted sum of the per-rank losses, computed one by one."""
-    model = mlp("matryoshka", dtype)
-    x, t = data(dtype)
-    compute = loss_fn(model, x, t)
-    model.zero_grad(set_to_none=True)
-    total = mlora.nested_loss(model, compute, S, list(weights))
-    total.backward()
-    got = [("loss", total.detach())] + adapter_grads(model)
-    assert all(layer.active_rank is None for layer in mlora.adapter_layers(model).values())
-    model.zero_grad(set_to_none=True)
-    manual = 0.0
-    for k, wk in zip(S, weights):
-        mlora.set_rank(model, k)
-        manual = manual + wk * compute()
-    mlora.set_rank(model, None)
-    manual.backward()
-    want = [("loss", manual.detach())] + adapter_grads(model)
-    return compare("nested_loss vs per-rank sum", got, want)
-
-
-def nested_vs_matryoshka_grads(dtype, zero_adapter, weights=(0.5, 1.0, 2.0, 1.5)):
-    """Gradients of nested_loss and of the matryoshka schedule's one loss (same S, w)."""
-    model = make_mlp(dtype)
-    mlora.inject(model, ["fc1", "fc2"], R, method="matryoshka", train_ranks=S, weights=list(weights))
-    if not zero_adapter:
-        randomize_B(model)
-    x, t = data(dtype)
-    compute = loss_fn(model, x, t)
-    model.zero_grad(set_to_none=True)
-    mlora.nested_loss(model, compute, S, list(weights)).backward()
-    nested = adapter_grads(model)
-    model.zero_grad(set_to_none=True)
-    compute().backward()                 # a training forward: diag(p_matryoshka)
-    return nested, adapter_grads(model)
-
-
-def eq_nested_at_zero(dtype):
-    """At B = 0 the nested objective and the matryoshka loss have the same gradient (docs/method.md)."""
-    nested, single_loss = nested_vs_matryoshka_grads(dtype, zero_adapter=True)
-    return compare("nested_loss grad vs matryoshka grad at B=0", single_loss, nested)
-
-
-def eq_dylora(dtype, scaling="sqrt", alpha=1.5):
-    """Each DyLoRA training forward equals the rank-b truncated forward, b the draw;
-    in a two-layer model both layers use the same b."""
-    model, layer = single("dylora", dtype, scaling=scaling, alpha=alpha, seed=4)
-    schedule = mlora.get_schedule(model)
-    x, w = data(dtype)
-    pairs, seen = [], set()
-    for _ in range(8):
-        got = run(model, x, w)      # the pre-hook draws a new b before the forward
-        b = schedule.b
-        seen.add(b)
-        pairs += compare(f"dylora b={b}", got, by_hand(layer, x, w, [(b, s(b, scaling, alpha))]))
-    assert len(seen) > 1, f"8 draws all gave b={seen}"
-    model = mlp("dylora", dtype, seed=5)
-    schedule = mlora.get_schedule(model)
-    for _ in range(4):
-        got = run(model, x, w)
-        b = schedule.b
-        schedule.auto_advance = False
-        mlora.set_rank(model, b)
-        want = run(model, x, w)
-        mlora.set_rank(model, None)
-        schedule.auto_advance = True
-        pairs += compare(f"dylora MLP b={b}", got, want)
-    return pairs
-
-
-def frozen_dylora(dtype):
-    """A frozen-DyLoRA training forward with b >= 2: (b, run result, by-hand result)."""
-    model, layer = single("dylora", dtype, frozen=True, seed=0)
-    schedule = mlora.get_schedule(model)
-    x, w = data(dtype)
-    for _ in range(50):   # find a draw with components below b
-        got = run(model, x, w)
-        if schedule.b >= 2:
-            break
-    b = schedule.b
-    assert b >= 2
-    return b, got, by_hand(layer, x, w, [(b, s(b))])
-
-
-def eq_dylora_frozen(dtype):
-    """Frozen DyLoRA: forward as the rank-b one; component b gets the unfrozen gradient."""
-    b, got, want = frozen_dylora(dtype)
-    (_, y), (_, gA), (_, gB) = got
-    (_, y_ref), (_, gA_ref), (_, gB_ref) = want
-    return [(f"frozen dylora b={b}: output", y, y_ref),
-            (f"frozen dylora b={b}: grad_A[b]", gA[b - 1], gA_ref[b - 1]),
-            (f"frozen dylora b={b}: grad_B[:, b]", gB[:, b - 1], gB_ref[:, b - 1])]
-
-
-PER_ROW_RANKS = [3, 1, 8, 5, 2, 8]   # any ranks in 1..r, not only train ranks
-
-
-def eq_per_row(dtype, ndim=2):
-    """set_rank with one rank per batch row equals a separate forward per row."""
-    model = mlp("matryoshka", dtype)
-    model.eval()
-    shape = (len(PER_ROW_RANKS), D_IN) if ndim == 2 else (len(PER_ROW_RANKS), 5, D_IN)
-    x, w = data(dtype, shape)
-    mlora.set_rank(model, torch.tensor(PER_ROW_RANKS))
-    got = run(model, x, w)
-    outputs, grads = [], None
-    for n, k in enumerate(PER_ROW_RANKS):
-        mlora.set_rank(model, k)
-        result = run(model, x[n:n + 1], w[n:n + 1])
-        outputs.append(result[0][1])
-        grads = result[1:] if grads is None else [(g, a + b) for (g, a), (_, b) in zip(grads, result[1:])]
-    want = [("output", torch.cat(outputs))] + grads   # the batch gradient is the sum over rows
-    return compare(f"per-row ranks {ndim}-D", got, want)
-
-
-class TinyConv1D(nn.Module):
-    """A Conv1D as Hugging Face GPT-2 has it: weight (in, out), `nf` = out, y = x W + b."""
-
-    def __init__(self, nf, nx):
-        super().__init__()
-        self.nf = nf
-        self.weight = nn.Parameter(torch.randn(nx, nf))   # (in, out)
-        self.bias = nn.Parameter(torch.zeros(nf))
-
-    def forward(self, x):
-        return x @ self.weight + self.bias
-
-
-def conv1d_classes():
-    classes = [("tiny", TinyConv1D)]
-    try:
-        from transformers.pytorch_utils import Conv1D
-        classes.append(("transformers", Conv1D))
-    except ImportError:
-        pass
-    return classes
-
-
-def eq_conv1d(dtype, conv_cls=TinyConv1D):
-    """A Conv1D base, (in, out) weight, behaves as the equivalent nn.Linear: training
-    forward, rank-k, per-row ranks, grads, and merge (output and merged weight)."""
-    torch.manual_seed(0)
-    linear = nn.Linear(D_IN, D_OUT).to(dtype)
-    conv = conv_cls(D_OUT, D_IN).to(dtype)
-    with torch.no_grad():
-        conv.weight.copy_(linear.weight.T)
-        conv.bias.copy_(linear.bias)
-    models = []
-    for base in (linear, conv):
-        model = nn.Sequential(base)
-        torch.manual_seed(5)   # the same A init in both
-        mlora.inject(model, "0", R, method="matryoshka", scaling="rank", alpha=4.0)
-        randomize_B(model)
-        models.append(model)
-    m_lin, m_conv = models
-    assert m_conv[0].fan_in_fan_out and not m_lin[0].fan_in_fan_out
-    assert torch.equal(m_conv[0].lora_A, m_lin[0].lora_A) and torch.equal(m_conv[0].lora_B, m_lin[0].lora_B)
-    x, w = data(dtype, (6, 3, D_IN))
-    name = conv_cls.__module__.split(".")[0]
-    pairs = compare(f"conv1d ({name}) training", run(m_conv, x, w), run(m_lin, x, w))
-    for rank in (3, torch.tensor(PER_ROW_RANKS)):
-        mlora.set_rank(m_conv, rank)
-        mlora.set_rank(m_lin, rank)
-        pairs += compare(f"conv1d ({name}) rank {rank.tolist() if torch.is_tensor(rank) else rank}",
-                         run(m_conv, x, w), run(m_lin, x, w))
-    mlora.set_rank(m_conv, None)
-    mlora.set_rank(m_lin, None)
-    with torch.no_grad():
-        for k in (1, 4, R):
-            mlora.merge(m_conv, k)
-            mlora.merge(m_lin, k)
-            pairs += [(f"conv1d ({name}) merged rank {k}: output", m_conv(x), m_lin(x)),
-                      (f"conv1d ({name}) merged rank {k}: weight.T", m_conv[0].base_layer.weight.T,
-                       m_lin[0].base_layer.weight)]
-    return pairs
-
-
-def eq_merge(dtype, ranks=(1, 3, R)):
-    """merge(k) gives the unmerged rank-k output (forward only: a merged adapter has no grads)."""
-    model = mlp("matryoshka", dtype)
-    model.eval()
-    x, _ = data(dtype)
-    pairs = []
-    with torch.no_grad():
-        for k in ranks:
-            mlora.set_rank(model, k)
-            want = model(x)
-            mlora.merge(model, k)
-            pairs.append((f"merge({k}) vs rank {k}: output", model(x), want))
-            mlora.unmerge(model)
-    return pairs
-
-
-def eq_truncated_state(dtype, k=4):
-    """adapter_state_dict(model, rank=k) loaded into a rank-k model reproduces the
-    original's rank-k outputs and the first k components of its gradients."""
-    base = make_mlp(dtype)
-    big = copy.deepcopy(base)
-    mlora.inject(big, ["fc1", "fc2"], R, method="matryoshka", scaling="rank", alpha=3.0)
-    randomize_B(big)
-    small = copy.deepcopy(base)
-    torch.manual_seed(7)   # a different fresh A, overwritten by the load
-    mlora.inject(small, ["fc1", "fc2"], k, method="matryoshka", scaling="rank", alpha=3.0)
-    mlora.load_adapter_state_dict(small, mlora.adapter_state_dict(big, rank=k))
-    mlora.set_rank(big, k)
-    mlora.set_rank(small, k)
-    x, w = data(dtype)
-    got = run(small, x, w)
-    want = run(big, x, w)
-    want = [(n, g[:k] if n.endswith("grad_A") else g[:, :k] if n.endswith("grad_B") else g) for n, g in want]
-    return compare(f"rank-{k} state in a rank-{k} model", got, want)
-
-
-# -----------------------------------------------------------------------------
-# the schedules' P vectors
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("scaling", SCALINGS)
-def test_lora_schedule_equals_plain_lora(dtype, scaling):
-    check(eq_lora(dtype, scaling), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -459,6 +215,31 @@ def test_matryoshka_p_matches_method_md_example():
     p = mlora.MatryoshkaSchedule(32).p()
     want = torch.tensor([2.99, 1.99] + [1.28] * 2 + [0.78] * 4 + [0.43] * 8 + [0.18] * 16, dtype=torch.float64)
     assert (p - want).abs().max() < 0.006   # the example is rounded to 2 decimals
+
+
+def eq_stratified(dtype, shape=(8, D_IN)):
+    """Each row of a stratified training forward (output and gradients) equals that
+    row run alone at its rank. Both MLP layers are adapted, so this also shows
+    that every layer of the forward uses the same draw."""
+    model = adapted_mlp("stratified", dtype, seed=3)
+    schedule = mlora.get_schedule(model)
+    schedule.auto_advance = False     # one fixed draw for every forward below
+    schedule.advance()
+    batch = shape[0]
+    ranks = schedule.row_ranks(batch)
+    assert sorted(set(ranks.tolist())) == S, ranks   # batch 8, |S| = 4: every rank is drawn
+    x, w = input_and_cotangent(dtype, shape)
+    pairs = []
+    for n in range(batch):
+        only_row = torch.zeros_like(w)
+        only_row[n] = w[n]
+        got = output_and_grads(model, x, only_row)                  # the whole batch; row n alone in the loss
+        got[0] = ("output", got[0][1][n:n + 1])
+        mlora.set_rank(model, int(ranks[n]))
+        want = output_and_grads(model, x[n:n + 1], w[n:n + 1])      # row n alone at its rank
+        mlora.set_rank(model, None)
+        pairs += compare(f"stratified {len(shape)}-D row {n} (rank {int(ranks[n])})", got, want)
+    return pairs
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -508,9 +289,61 @@ def test_draws_depend_on_seed_and_step_only(cls):
     assert torch.equal(a.p(6), b.p(6))
 
 
+# -----------------------------------------------------------------------------
+# nested_loss: the exact nested objective
+
+
+def loss_fn(model, x, t):
+    """A non-linear loss: the nested identity below needs more than sum(y * w)."""
+    return lambda: ((model(x) - t) ** 2).mean()
+
+
+def eq_nested_loss(dtype, weights=(0.5, 1.0, 2.0, 1.5)):
+    """nested_loss equals the weighted sum of the per-rank losses, computed one by one."""
+    model = adapted_mlp("matryoshka", dtype)
+    x, t = input_and_cotangent(dtype)
+    compute = loss_fn(model, x, t)
+    model.zero_grad(set_to_none=True)
+    total = mlora.nested_loss(model, compute, S, list(weights))
+    total.backward()
+    got = [("loss", total.detach())] + adapter_grads(model)
+    assert all(layer.active_rank is None for layer in mlora.adapter_layers(model).values())
+    model.zero_grad(set_to_none=True)
+    manual = 0.0
+    for k, wk in zip(S, weights):
+        mlora.set_rank(model, k)
+        manual = manual + wk * compute()
+    mlora.set_rank(model, None)
+    manual.backward()
+    want = [("loss", manual.detach())] + adapter_grads(model)
+    return compare("nested_loss vs per-rank sum", got, want)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_nested_loss_equals_sum_of_per_rank_losses(dtype):
     check(eq_nested_loss(dtype), dtype)
+
+
+def nested_vs_matryoshka_grads(dtype, zero_adapter, weights=(0.5, 1.0, 2.0, 1.5)):
+    """Gradients of nested_loss and of the matryoshka schedule's one loss (same S, w)."""
+    model = bare_mlp(dtype)
+    mlora.inject(model, ["fc1", "fc2"], R, method="matryoshka", train_ranks=S, weights=list(weights))
+    if not zero_adapter:
+        randomize_B(model)
+    x, t = input_and_cotangent(dtype)
+    compute = loss_fn(model, x, t)
+    model.zero_grad(set_to_none=True)
+    mlora.nested_loss(model, compute, S, list(weights)).backward()
+    nested = adapter_grads(model)
+    model.zero_grad(set_to_none=True)
+    compute().backward()                 # a training forward: diag(p_matryoshka)
+    return nested, adapter_grads(model)
+
+
+def eq_nested_at_zero(dtype):
+    """At B = 0 the nested objective and the matryoshka loss have the same gradient (docs/method.md)."""
+    nested, single_loss = nested_vs_matryoshka_grads(dtype, zero_adapter=True)
+    return compare("nested_loss grad vs matryoshka grad at B=0", single_loss, nested)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -526,10 +359,65 @@ def test_nested_loss_grad_differs_from_matryoshka_once_B_is_nonzero():
     assert max(errors) > 1e-2, errors   # a first-order approximation, no longer exact
 
 
+# -----------------------------------------------------------------------------
+# DyLoRA draws, and when a schedule advances
+
+
+def eq_dylora(dtype, scaling="sqrt", alpha=1.5):
+    """Each DyLoRA training forward equals the rank-b truncated forward, b the draw;
+    in a two-layer model both layers use the same b."""
+    model, layer = adapted_linear("dylora", dtype, scaling=scaling, alpha=alpha, seed=4)
+    schedule = mlora.get_schedule(model)
+    x, w = input_and_cotangent(dtype)
+    pairs, seen = [], set()
+    for _ in range(8):
+        got = output_and_grads(model, x, w)      # the pre-hook draws a new b before the forward
+        b = schedule.b
+        seen.add(b)
+        pairs += compare(f"dylora b={b}", got, by_hand(layer, x, w, [(b, s(b, scaling, alpha))]))
+    assert len(seen) > 1, f"8 draws all gave b={seen}"
+    model = adapted_mlp("dylora", dtype, seed=5)
+    schedule = mlora.get_schedule(model)
+    for _ in range(4):
+        got = output_and_grads(model, x, w)
+        b = schedule.b
+        schedule.auto_advance = False
+        mlora.set_rank(model, b)
+        want = output_and_grads(model, x, w)
+        mlora.set_rank(model, None)
+        schedule.auto_advance = True
+        pairs += compare(f"dylora MLP b={b}", got, want)
+    return pairs
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("scaling", SCALINGS)
 def test_dylora_equals_rank_b_truncated_forward(dtype, scaling):
     check(eq_dylora(dtype, scaling), dtype)
+
+
+def frozen_dylora(dtype):
+    """A frozen-DyLoRA training forward with b >= 2: (b, run result, by-hand result)."""
+    model, layer = adapted_linear("dylora", dtype, frozen=True, seed=0)
+    schedule = mlora.get_schedule(model)
+    x, w = input_and_cotangent(dtype)
+    for _ in range(50):   # find a draw with components below b
+        got = output_and_grads(model, x, w)
+        if schedule.b >= 2:
+            break
+    b = schedule.b
+    assert b >= 2
+    return b, got, by_hand(layer, x, w, [(b, s(b))])
+
+
+def eq_dylora_frozen(dtype):
+    """Frozen DyLoRA: forward as the rank-b one; component b gets the unfrozen gradient."""
+    b, got, want = frozen_dylora(dtype)
+    (_, y), (_, gA), (_, gB) = got
+    (_, y_ref), (_, gA_ref), (_, gB_ref) = want
+    return [(f"frozen dylora b={b}: output", y, y_ref),
+            (f"frozen dylora b={b}: grad_A[b]", gA[b - 1], gA_ref[b - 1]),
+            (f"frozen dylora b={b}: grad_B[:, b]", gB[:, b - 1], gB_ref[:, b - 1])]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -581,10 +469,10 @@ def test_dylora_sample_all_draws_from_1_to_r():
 
 
 def test_schedule_advances_once_per_training_forward():
-    model = mlp("dylora", torch.float32, seed=1)   # two adapters share one schedule
+    model = adapted_mlp("dylora", torch.float32, seed=1)   # two adapters share one schedule
     schedule = mlora.get_schedule(model)
     assert all(layer.schedule is schedule for layer in mlora.adapter_layers(model).values())
-    x, _ = data(torch.float32)
+    x, _ = input_and_cotangent(torch.float32)
     assert schedule.step == 0
     for i in range(1, 4):
         model(x)
@@ -614,15 +502,37 @@ def test_schedule_advances_once_per_training_forward():
     assert schedule.step == 4
 
 
+def test_training_in_eval_mode_advances_dynamic_schedules():
+    """Hugging Face models load in eval mode: training one without model.train()
+    must still draw a new rank every step (the schedule reads 'can this forward
+    train the adapters', not the module's mode), and evaluation must not draw."""
+    model = nn.Sequential(nn.Linear(8, 8))
+    mlora.inject(model, "0", 4, method="dylora", seed=1)
+    schedule = mlora.get_schedule(model)
+    model.eval()
+    x = torch.randn(3, 8)
+    drawn = []
+    for i in range(1, 13):
+        model(x).sum().backward()
+        assert schedule.step == i
+        drawn.append(schedule.b)
+    assert len(set(drawn)) > 1
+    with torch.no_grad():
+        model(x)                      # evaluation: no draw
+    with torch.inference_mode():
+        model(x)
+    assert schedule.step == 12
+
+
 # -----------------------------------------------------------------------------
 # the layer
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_fresh_adapter_is_a_noop(method):
-    model = make_mlp(torch.float32)
+    model = bare_mlp(torch.float32)
     original = copy.deepcopy(model)
-    x, _ = data(torch.float32, (6, 3, D_IN))
+    x, _ = input_and_cotangent(torch.float32, (6, 3, D_IN))
     want = original(x)
     mlora.inject(model, ["fc1", "fc2"], R, method=method)
     assert torch.equal(model(x), want)                  # training forward
@@ -635,13 +545,33 @@ def test_fresh_adapter_is_a_noop(method):
 
 
 def test_fresh_adapter_is_a_noop_in_gpt():
-    torch.manual_seed(0)
-    gpt = mlora.GPT(mlora.GPTConfig(**dict(mlora.PRESETS["char-tiny"], vocab_size=32)))
+    gpt = tiny_gpt(32).train()   # a training forward: the schedule's p applies
     idx = torch.randint(32, (2, 16))
     want = gpt(idx)[0]
     names = mlora.inject(gpt, ["c_attn", "c_proj", "c_fc"], 4)
     assert len(names) == 8   # 2 blocks x (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)
     assert torch.equal(gpt(idx)[0], want)
+
+
+PER_ROW_RANKS = [3, 1, 8, 5, 2, 8]   # any ranks in 1..r, not only train ranks
+
+
+def eq_per_row(dtype, ndim=2):
+    """set_rank with one rank per batch row equals a separate forward per row."""
+    model = adapted_mlp("matryoshka", dtype)
+    model.eval()
+    shape = (len(PER_ROW_RANKS), D_IN) if ndim == 2 else (len(PER_ROW_RANKS), 5, D_IN)
+    x, w = input_and_cotangent(dtype, shape)
+    mlora.set_rank(model, torch.tensor(PER_ROW_RANKS))
+    got = output_and_grads(model, x, w)
+    outputs, grads = [], None
+    for n, k in enumerate(PER_ROW_RANKS):
+        mlora.set_rank(model, k)
+        result = output_and_grads(model, x[n:n + 1], w[n:n + 1])
+        outputs.append(result[0][1])
+        grads = result[1:] if grads is None else [(g, a + b) for (g, a), (_, b) in zip(grads, result[1:])]
+    want = [("output", torch.cat(outputs))] + grads   # the batch gradient is the sum over rows
+    return compare(f"per-row ranks {ndim}-D", got, want)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -651,11 +581,73 @@ def test_per_row_ranks_equal_separate_forwards(dtype, ndim):
 
 
 def test_per_row_ranks_reject_a_batch_of_another_size():
-    model = mlp("matryoshka", torch.float32)
+    model = adapted_mlp("matryoshka", torch.float32)
     mlora.set_rank(model, torch.tensor(PER_ROW_RANKS))
-    x, _ = data(torch.float32, (4, D_IN))
+    x, _ = input_and_cotangent(torch.float32, (4, D_IN))
     with pytest.raises(ValueError, match=r"batch of 6.*\(4, 12\)"):
         model(x)
+
+
+class TinyConv1D(nn.Module):
+    """A Conv1D as Hugging Face GPT-2 has it: weight (in, out), `nf` = out, y = x W + b."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf))   # (in, out)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+def conv1d_classes():
+    classes = [("tiny", TinyConv1D)]
+    try:
+        from transformers.pytorch_utils import Conv1D
+        classes.append(("transformers", Conv1D))
+    except ImportError:
+        pass
+    return classes
+
+
+def eq_conv1d(dtype, conv_cls=TinyConv1D):
+    """A Conv1D base, (in, out) weight, behaves as the equivalent nn.Linear: training
+    forward, rank-k, per-row ranks, grads, and merge (output and merged weight)."""
+    torch.manual_seed(0)
+    linear = nn.Linear(D_IN, D_OUT).to(dtype)
+    conv = conv_cls(D_OUT, D_IN).to(dtype)
+    with torch.no_grad():
+        conv.weight.copy_(linear.weight.T)
+        conv.bias.copy_(linear.bias)
+    models = []
+    for base in (linear, conv):
+        model = nn.Sequential(base)
+        torch.manual_seed(5)   # the same A init in both
+        mlora.inject(model, "0", R, method="matryoshka", scaling="rank", alpha=4.0)
+        randomize_B(model)
+        models.append(model)
+    m_lin, m_conv = models
+    assert m_conv[0].fan_in_fan_out and not m_lin[0].fan_in_fan_out
+    assert torch.equal(m_conv[0].lora_A, m_lin[0].lora_A) and torch.equal(m_conv[0].lora_B, m_lin[0].lora_B)
+    x, w = input_and_cotangent(dtype, (6, 3, D_IN))
+    name = conv_cls.__module__.split(".")[0]
+    pairs = compare(f"conv1d ({name}) training", output_and_grads(m_conv, x, w), output_and_grads(m_lin, x, w))
+    for rank in (3, torch.tensor(PER_ROW_RANKS)):
+        mlora.set_rank(m_conv, rank)
+        mlora.set_rank(m_lin, rank)
+        pairs += compare(f"conv1d ({name}) rank {rank.tolist() if torch.is_tensor(rank) else rank}",
+                         output_and_grads(m_conv, x, w), output_and_grads(m_lin, x, w))
+    mlora.set_rank(m_conv, None)
+    mlora.set_rank(m_lin, None)
+    with torch.no_grad():
+        for k in (1, 4, R):
+            mlora.merge(m_conv, k)
+            mlora.merge(m_lin, k)
+            pairs += [(f"conv1d ({name}) merged rank {k}: output", m_conv(x), m_lin(x)),
+                      (f"conv1d ({name}) merged rank {k}: weight.T", m_conv[0].base_layer.weight.T,
+                       m_lin[0].base_layer.weight)]
+    return pairs
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -665,12 +657,29 @@ def test_conv1d_base_equals_linear(dtype, conv):
 
 
 def test_transformers_conv1d_is_covered():
-    import transformers  # a declared test dependency: missing means failing, not skipping
-    assert len(conv1d_classes()) == 2
+    # transformers is a declared test dependency: missing means failing here, not a quietly smaller test
+    from transformers.pytorch_utils import Conv1D
+    assert [cls for _, cls in conv1d_classes()] == [TinyConv1D, Conv1D]
 
 
 # -----------------------------------------------------------------------------
 # merge
+
+
+def eq_merge(dtype, ranks=(1, 3, R)):
+    """merge(k) gives the unmerged rank-k output (forward only: a merged adapter has no grads)."""
+    model = adapted_mlp("matryoshka", dtype)
+    model.eval()
+    x, _ = input_and_cotangent(dtype)
+    pairs = []
+    with torch.no_grad():
+        for k in ranks:
+            mlora.set_rank(model, k)
+            want = model(x)
+            mlora.merge(model, k)
+            pairs.append((f"merge({k}) vs rank {k}: output", model(x), want))
+            mlora.unmerge(model)
+    return pairs
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -681,14 +690,14 @@ def test_merge_equals_unmerged_rank_k(dtype):
 def bf16_merge_errors(ranks=(1, 3, R)):
     """Merged and unmerged bf16 outputs against a float32 reference holding the same
     bf16 values; returns [(k, |merged - ref|, |unmerged - ref|, bound, max|ref|)]."""
-    model32 = mlp("matryoshka", torch.float32)
+    model32 = adapted_mlp("matryoshka", torch.float32)
     with torch.no_grad():   # make every float32 value a bf16 value, so only bf16 arithmetic differs
         for p in model32.parameters():
             p.copy_(p.bfloat16().float())
     model16 = copy.deepcopy(model32).to(torch.bfloat16)
     model32.eval()
     model16.eval()
-    x = data(torch.float32)[0].bfloat16()
+    x = input_and_cotangent(torch.float32)[0].bfloat16()
     u = 2.0 ** -8   # bf16 unit roundoff: 8 significand bits (7 stored)
     out = []
     with torch.no_grad():
@@ -726,17 +735,20 @@ def test_merge_bf16_within_rounding_bound():
 
 @pytest.mark.parametrize("keep_original", [True, False])
 def test_merge_unmerge_twice_and_other_rank(keep_original):
-    model = mlp("matryoshka", torch.float32)
+    model = adapted_mlp("matryoshka", torch.float32)
     layers = mlora.adapter_layers(model)
     original = {n: layer.base_layer.weight.clone() for n, layer in layers.items()}
-    weights = lambda: {n: layer.base_layer.weight.clone() for n, layer in layers.items()}
     fresh = copy.deepcopy(model)
-    # keep_original restores bit for bit; the in-place default subtracts the delta again,
-    # which is exact up to float32 rounding: a few ulps of the largest weight
-    if keep_original:
-        same = torch.equal
-    else:
-        same = lambda a, b: torch.allclose(a, b, rtol=0, atol=4 * torch.finfo(a.dtype).eps * float(b.abs().max()))
+
+    def weights():
+        return {n: layer.base_layer.weight.clone() for n, layer in layers.items()}
+
+    def same(a, b):
+        # keep_original restores bit for bit; the in-place default subtracts the delta again,
+        # which is exact up to float32 rounding: a few ulps of the largest weight
+        if keep_original:
+            return torch.equal(a, b)
+        return torch.allclose(a, b, rtol=0, atol=4 * torch.finfo(a.dtype).eps * float(b.abs().max()))
 
     mlora.merge(model, 2, keep_original=keep_original)
     once = weights()
@@ -781,18 +793,18 @@ def test_merge_unmerge_twice_and_other_rank(keep_original):
 
 
 def test_adapter_state_dict_round_trip_is_bit_exact():
-    model = mlp("matryoshka", torch.float32)
+    model = adapted_mlp("matryoshka", torch.float32)
     state = mlora.adapter_state_dict(model)
     assert sorted(state) == ["fc1.lora_A", "fc1.lora_B", "fc2.lora_A", "fc2.lora_B"]
     assert state["fc1.lora_A"].shape == (R, D_IN) and state["fc2.lora_B"].shape == (D_OUT, R)
-    other = make_mlp(torch.float32)
+    other = bare_mlp(torch.float32)
     torch.manual_seed(99)
     mlora.inject(other, ["fc1", "fc2"], R)
     assert not torch.equal(mlora.adapter_state_dict(other)["fc1.lora_A"], state["fc1.lora_A"])
     mlora.load_adapter_state_dict(other, state)
     again = mlora.adapter_state_dict(other)
     assert all(torch.equal(again[key], state[key]) for key in state)
-    x, _ = data(torch.float32)
+    x, _ = input_and_cotangent(torch.float32)
     for rank in (None, 2, R):
         mlora.set_rank(model, rank)
         mlora.set_rank(other, rank)
@@ -801,19 +813,39 @@ def test_adapter_state_dict_round_trip_is_bit_exact():
     assert model.fc1.lora_A.abs().max() > 0
 
 
+def eq_truncated_state(dtype, k=4):
+    """adapter_state_dict(model, rank=k) loaded into a rank-k model reproduces the
+    original's rank-k outputs and the first k components of its gradients."""
+    base = bare_mlp(dtype)
+    big = copy.deepcopy(base)
+    mlora.inject(big, ["fc1", "fc2"], R, method="matryoshka", scaling="rank", alpha=3.0)
+    randomize_B(big)
+    small = copy.deepcopy(base)
+    torch.manual_seed(7)   # a different fresh A, overwritten by the load
+    mlora.inject(small, ["fc1", "fc2"], k, method="matryoshka", scaling="rank", alpha=3.0)
+    mlora.load_adapter_state_dict(small, mlora.adapter_state_dict(big, rank=k))
+    mlora.set_rank(big, k)
+    mlora.set_rank(small, k)
+    x, w = input_and_cotangent(dtype)
+    got = output_and_grads(small, x, w)
+    want = output_and_grads(big, x, w)
+    want = [(n, g[:k] if n.endswith("grad_A") else g[:, :k] if n.endswith("grad_B") else g) for n, g in want]
+    return compare(f"rank-{k} state in a rank-{k} model", got, want)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_truncated_state_reproduces_rank_k(dtype):
     check(eq_truncated_state(dtype), dtype)
 
 
 def test_save_and_load_adapter(tmp_path):
-    model = mlp("dylora", torch.float32, frozen=True)
+    model = adapted_mlp("dylora", torch.float32, frozen=True)
     path = tmp_path / "adapter.pt"
     mlora.save_adapter(model, str(path))
     assert os.listdir(tmp_path) == ["adapter.pt"]   # no temporary file left behind
-    other = make_mlp(torch.float32)
+    other = bare_mlp(torch.float32)
     torch.manual_seed(99)
-    mlora.inject(other, ["fc1", "fc2"], R, method="dylora")
+    mlora.inject(other, ["fc1", "fc2"], R, method="dylora", frozen=True)   # the file's settings
     config = mlora.load_adapter(other, str(path))
     assert config["method"] == "dylora" and config["rank"] == R and config["frozen"] is True
     state, again = mlora.adapter_state_dict(model), mlora.adapter_state_dict(other)
@@ -821,8 +853,8 @@ def test_save_and_load_adapter(tmp_path):
 
     small_path = tmp_path / "adapter4.pt"
     mlora.save_adapter(model, str(small_path), rank=4)
-    small = make_mlp(torch.float32)
-    mlora.inject(small, ["fc1", "fc2"], 4, method="dylora")
+    small = bare_mlp(torch.float32)
+    mlora.inject(small, ["fc1", "fc2"], 4, method="dylora", frozen=True)
     assert mlora.load_adapter(small, str(small_path))["rank"] == 4
     truncated, loaded = mlora.adapter_state_dict(model, rank=4), mlora.adapter_state_dict(small)
     assert all(torch.equal(loaded[key], truncated[key]) for key in truncated)
@@ -832,7 +864,7 @@ def test_save_and_load_adapter(tmp_path):
 
 
 def test_failed_save_keeps_the_existing_file(tmp_path, monkeypatch):
-    model = mlp("matryoshka", torch.float32)
+    model = adapted_mlp("matryoshka", torch.float32)
     path = tmp_path / "adapter.pt"
     mlora.save_adapter(model, str(path))
     content = path.read_bytes()
@@ -849,15 +881,14 @@ def test_failed_save_keeps_the_existing_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert path.read_bytes() == content
     assert os.listdir(tmp_path) == ["adapter.pt"]
-    other = make_mlp(torch.float32)
+    other = bare_mlp(torch.float32)
     mlora.inject(other, ["fc1", "fc2"], R)
     mlora.load_adapter(other, str(path))   # still a complete, loadable file
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_optimizer_steps_change_only_adapter_tensors(method):
-    torch.manual_seed(0)
-    gpt = mlora.GPT(mlora.GPTConfig(**dict(mlora.PRESETS["char-tiny"], vocab_size=32)))
+    gpt = tiny_gpt(32).train()
     mlora.inject(gpt, ["c_attn", "c_proj", "c_fc"], 4, method=method, train_ranks=[1, 2, 4])
     before = {k: v.clone() for k, v in gpt.state_dict().items()}
     optimizer = torch.optim.AdamW(gpt.parameters(), lr=1e-2, weight_decay=0.1)   # all params, frozen ones too
@@ -922,8 +953,8 @@ def test_aurac_bad_input(ranks, accs, scale, bad):
 
 
 def test_evaluate_ranks_returns_the_curve_and_restores_ranks():
-    model = mlp("matryoshka", torch.float32)
-    x, _ = data(torch.float32)
+    model = adapted_mlp("matryoshka", torch.float32)
+    x, _ = input_and_cotangent(torch.float32)
     mlora.set_rank(model, 2)
     seen = mlora.evaluate_ranks(model, S, lambda m: m.fc1.active_rank)
     assert seen == S
@@ -931,21 +962,7 @@ def test_evaluate_ranks_returns_the_curve_and_restores_ranks():
 
 
 # -----------------------------------------------------------------------------
-# bad input
-
-
-def snapshot(model):
-    """Everything a failed inject must leave as it was."""
-    return ({k: v.clone() for k, v in model.state_dict().items()},
-            {n: p.requires_grad for n, p in model.named_parameters()},
-            {n: type(m) for n, m in model.named_modules()},
-            len(model._forward_pre_hooks))
-
-
-def assert_same(before, after):
-    assert before[0].keys() == after[0].keys()
-    assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])
-    assert before[1:] == after[1:]
+# bad input: refused before anything changes
 
 
 @pytest.mark.parametrize("options, bad", [
@@ -967,7 +984,7 @@ def assert_same(before, after):
     (dict(method="dylora", sample="some"), "some"),
 ])
 def test_bad_inject_raises_and_leaves_model_unchanged(options, bad):
-    model = make_mlp(torch.float32)
+    model = bare_mlp(torch.float32)
     model.fc1.bias.requires_grad_(False)   # a mixed set of flags, which must survive
     before = snapshot(model)
     kwargs = dict(dict(targets=["fc1", "fc2"], rank=R), **options)
@@ -976,20 +993,39 @@ def test_bad_inject_raises_and_leaves_model_unchanged(options, bad):
     assert_same(before, snapshot(model))
 
 
-def test_inject_failing_while_building_adapters_leaves_model_unchanged():
-    # an integer adapter dtype fails inside MatryoshkaLinear, after the first layer was built
-    model = make_mlp(torch.float32)
+def test_inject_failing_at_the_second_layer_undoes_the_first(monkeypatch):
+    """inject builds every adapter before it puts any into the model, but building one
+    freezes its base layer. Here the second build fails (as running out of memory while
+    allocating its A and B would), after the first froze fc1: inject must put fc1's
+    requires_grad flags back as they were."""
+    model = bare_mlp(torch.float32)
+    model.fc1.bias.requires_grad_(False)   # a mixed set of flags, which must come back as it was
     before = snapshot(model)
-    with pytest.raises((ValueError, RuntimeError, TypeError)):
-        mlora.inject(model, ["fc1", "fc2"], R, dtype=torch.int64)
+    build = mlora.MatryoshkaLinear.__init__
+    built, frozen_when_it_failed = [], []
+
+    def second_build_fails(self, base, *args, **kwargs):
+        build(self, base, *args, **kwargs)
+        built.append(base)
+        if len(built) == 2:
+            frozen_when_it_failed.extend(not p.requires_grad for p in model.parameters())
+            raise RuntimeError("out of memory (simulated) building the second adapter")
+
+    monkeypatch.setattr(mlora.MatryoshkaLinear, "__init__", second_build_fails)
+    with pytest.raises(RuntimeError, match="simulated"):
+        mlora.inject(model, ["fc1", "fc2"], R)
+    assert built == [model.fc1, model.fc2]
+    assert all(frozen_when_it_failed)   # both builds had frozen their layers: there was something to undo
     assert_same(before, snapshot(model))
+    monkeypatch.undo()
+    assert mlora.inject(model, ["fc1", "fc2"], R) == ["fc1", "fc2"]   # and the model takes adapters afterwards
 
 
 def test_inject_twice_raises_and_remove_restores():
-    model = make_mlp(torch.float32)
+    model = bare_mlp(torch.float32)
     fc1, fc2 = model.fc1, model.fc2
     original = {k: v.clone() for k, v in model.state_dict().items()}
-    x, _ = data(torch.float32)
+    x, _ = input_and_cotangent(torch.float32)
     want = model(x)
     assert mlora.inject(model, ["fc1", r"fc\d"], R, method="dylora") == ["fc1", "fc2"]
     schedule = mlora.get_schedule(model)
@@ -1030,7 +1066,7 @@ def test_layer_rejects_bad_ranks():
 
 
 def test_model_functions_reject_bad_ranks():
-    model = mlp("matryoshka", torch.float32)
+    model = adapted_mlp("matryoshka", torch.float32)
     for bad, message in [(0, "got 0"), (R + 1, "rank 9 is above")]:
         with pytest.raises(ValueError, match=re.escape(message)):
             mlora.set_rank(model, bad)
@@ -1048,11 +1084,11 @@ def test_model_functions_reject_bad_ranks():
     with pytest.raises(ValueError, match=re.escape("weights [1.0] has 1 entries but ranks [1, 2] has 2")):
         mlora.nested_loss(model, lambda: model(torch.zeros(1, D_IN)).sum(), [1, 2], [1.0])
     with pytest.raises(ValueError, match="no Matryoshka adapters"):
-        mlora.set_rank(make_mlp(), 2)
+        mlora.set_rank(bare_mlp(), 2)
 
 
 def test_load_adapter_state_dict_rejects_wrong_state():
-    model = mlp("matryoshka", torch.float32)
+    model = adapted_mlp("matryoshka", torch.float32)
     before = mlora.adapter_state_dict(model)
     good = {k: torch.zeros_like(v) for k, v in before.items()}
 
@@ -1093,6 +1129,7 @@ class _Blocked:
 
 sys.meta_path.insert(0, _Blocked())
 '''
+
 
 STANDALONE = '''
 import os, sys
@@ -1135,8 +1172,7 @@ def test_mlora_runs_alone_with_only_torch(tmp_path):
     work, blocker = tmp_path / "project", tmp_path / "blocker"
     work.mkdir()
     blocker.mkdir()
-    mlora_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mlora.py")
-    (work / "mlora.py").write_text(open(mlora_path).read())
+    shutil.copy(mlora.__file__, work / "mlora.py")   # the file under test, whichever folder it was imported from
     (blocker / "sitecustomize.py").write_text(BLOCKER)   # imported by site at start-up
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env.update(PYTHONPATH=str(blocker), PYTHONNOUSERSITE="1", OMP_NUM_THREADS="1")
@@ -1203,25 +1239,3 @@ def error_table() -> str:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     print(error_table())
-
-
-def test_training_in_eval_mode_advances_dynamic_schedules():
-    """Hugging Face models load in eval mode: training one without model.train()
-    must still draw a new rank every step (the schedule reads 'can this forward
-    train the adapters', not the module's mode), and evaluation must not draw."""
-    model = nn.Sequential(nn.Linear(8, 8))
-    mlora.inject(model, "0", 4, method="dylora", seed=1)
-    schedule = mlora.get_schedule(model)
-    model.eval()
-    x = torch.randn(3, 8)
-    drawn = []
-    for i in range(1, 13):
-        model(x).sum().backward()
-        assert schedule.step == i
-        drawn.append(schedule.b)
-    assert len(set(drawn)) > 1
-    with torch.no_grad():
-        model(x)                      # evaluation: no draw
-    with torch.inference_mode():
-        model(x)
-    assert schedule.step == 12

@@ -6,57 +6,36 @@ float32 logits (observed differences are ~1e-7: the same products summed in a
 different order).
 """
 
+import itertools
 import json
 import os
-import warnings
+import runpy
+import sys
 
 import pytest
 import torch
 import torch.nn as nn
+import transformers  # a test-only dependency, as peft is: missing means failing, not skipping
+from safetensors.torch import load_file
 
 import mlora
+from conftest import GPT2_TARGETS, LLAMA_TARGETS, load_peft, logits_of, tiny_gpt, tiny_gpt2, tiny_llama
 
 TOL = 1e-5   # float32 logits; mlora and PEFT apply the same factors in a different order
 VOCAB = 96
 
-import peft  # test-only dependencies: missing means failing, not skipping
-import transformers
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
 
 # -----------------------------------------------------------------------------
-# tiny models
-
-
-def tiny_gpt2():
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=2,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return transformers.GPT2LMHeadModel(config)
-
-
-def tiny_llama():
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=32)
-    return transformers.LlamaForCausalLM(config)
-
-
-def tiny_gpt():
-    return mlora.GPT(mlora.GPTConfig(block_size=32, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32))
+# tiny models and helpers (the models themselves are built in conftest.py)
 
 
 HF = {  # kind -> (builder, class, adapter targets)
-    "gpt2": (tiny_gpt2, transformers.GPT2LMHeadModel, ["c_attn", "c_proj", "c_fc"]),
-    "llama": (tiny_llama, transformers.LlamaForCausalLM,
-              ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    "gpt2": (lambda: tiny_gpt2(VOCAB), transformers.GPT2LMHeadModel, GPT2_TARGETS),
+    "llama": (lambda: tiny_llama(VOCAB), transformers.LlamaForCausalLM, LLAMA_TARGETS),
 }
-
-
-def logits_of(model, ids):
-    with torch.no_grad():
-        out = model(ids)
-    return out[0] if isinstance(out, tuple) else out.logits
 
 
 def train_briefly(model, steps=6):
@@ -75,14 +54,6 @@ def train_briefly(model, steps=6):
     model.eval()
     for name, layer in mlora.adapter_layers(model).items():
         assert (layer.lora_B != 0).any(dim=0).all(), f"{name}: some B columns are still zero"
-
-
-def load_peft(base_cls, base_dir, adapter_dir):
-    base = base_cls.from_pretrained(base_dir)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # transformers 5 deprecation chatter from inside PEFT
-        model = peft.PeftModel.from_pretrained(base, adapter_dir)
-    return model.eval()
 
 
 def gpt_to_hf_gpt2(gpt):
@@ -111,8 +82,7 @@ def max_diffs_report(name, diffs):
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_export_peft_matches_hf_models(kind, tmp_path):
     build, cls, targets = HF[kind]
-    torch.manual_seed(0)
-    model = build().eval()
+    model = build()
     model.save_pretrained(tmp_path / "base")   # the base weights, before any adapter
     names = mlora.inject(model, targets, rank=8)
     train_briefly(model)
@@ -141,7 +111,6 @@ def test_export_peft_matches_hf_models(kind, tmp_path):
         config = json.load(f)
     assert config["peft_type"] == "LORA" and config["target_modules"] == sorted(targets)
     assert set(config["rank_pattern"].values()) | {config["r"]} == {1, 2, 4, 8}
-    from safetensors.torch import load_file
     tensors = load_file(out / "adapter_model.safetensors")
     assert len(tensors) == 2 * len(names)
     layers = mlora.adapter_layers(model)
@@ -153,8 +122,7 @@ def test_export_peft_matches_hf_models(kind, tmp_path):
 
 
 def test_export_minimal_gpt_loads_onto_hf_gpt2(tmp_path):
-    torch.manual_seed(0)
-    gpt = tiny_gpt().eval()
+    gpt = tiny_gpt(VOCAB)
     hf = gpt_to_hf_gpt2(gpt)
     hf.save_pretrained(tmp_path / "base")
     ids = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(2))
@@ -179,8 +147,7 @@ def test_export_minimal_gpt_loads_onto_hf_gpt2(tmp_path):
 @pytest.mark.parametrize("scaling", ["rank", "none"])
 def test_export_other_scalings_with_per_layer_ranks(scaling, tmp_path):
     """'rank' maps to PEFT's alpha / r; 'none' needs lora_alpha = r per layer (alpha_pattern)."""
-    torch.manual_seed(0)
-    model = tiny_llama().eval()
+    model = tiny_llama(VOCAB)
     model.save_pretrained(tmp_path / "base")
     names = mlora.inject(model, ["q_proj", "v_proj", "down_proj"], rank=4, scaling=scaling, alpha=2.0)
     train_briefly(model)
@@ -198,8 +165,7 @@ def test_export_other_scalings_with_per_layer_ranks(scaling, tmp_path):
 
 def test_export_full_paths_when_leaf_names_are_ambiguous(tmp_path):
     """Adapting attn.c_proj but not mlp.c_proj: 'c_proj' would catch both, so full paths are written."""
-    torch.manual_seed(0)
-    model = tiny_gpt2().eval()
+    model = tiny_gpt2(VOCAB)
     model.save_pretrained(tmp_path / "base")
     names = mlora.inject(model, [r".*attn\.c_proj"], rank=4)
     train_briefly(model)
@@ -214,7 +180,7 @@ def test_export_full_paths_when_leaf_names_are_ambiguous(tmp_path):
 
 
 def test_export_errors(tmp_path):
-    model = tiny_gpt()
+    model = tiny_gpt(VOCAB)
     with pytest.raises(ValueError, match="no Matryoshka adapters"):
         mlora.export_peft(model, 2, tmp_path / "a")
     names = mlora.inject(model, ["c_attn"], rank=4)
@@ -236,12 +202,11 @@ def test_export_errors(tmp_path):
 
 @pytest.mark.parametrize("kind", ["gpt", "gpt2", "llama"])
 def test_mixed_ranks_in_one_batch_equal_each_sequence_alone(kind):
-    torch.manual_seed(0)
     if kind == "gpt":
-        model, targets = tiny_gpt().eval(), ["c_attn", "c_proj", "c_fc"]
+        model, targets = tiny_gpt(VOCAB), ["c_attn", "c_proj", "c_fc"]
     else:
         build, _, targets = HF[kind]
-        model = build().eval()
+        model = build()
     mlora.inject(model, targets, rank=8)
     train_briefly(model)
     ranks = torch.tensor([1, 8, 2, 4, 8, 1])
@@ -262,11 +227,11 @@ def test_mixed_ranks_in_one_batch_equal_each_sequence_alone(kind):
 
 def test_mixed_ranks_generate_minimal_gpt():
     """Greedy decoding of a mixed-rank batch equals decoding each prompt alone at its rank."""
-    torch.manual_seed(0)
-    model = tiny_gpt().eval()
+    model = tiny_gpt(VOCAB)
     mlora.inject(model, ["c_attn", "c_fc"], rank=4)
     train_briefly(model)
-    ranks, prompts = torch.tensor([4, 1, 2]), torch.randint(0, VOCAB, (3, 5), generator=torch.Generator().manual_seed(5))
+    ranks = torch.tensor([4, 1, 2])
+    prompts = torch.randint(0, VOCAB, (3, 5), generator=torch.Generator().manual_seed(5))
     mlora.set_rank(model, ranks)
     together = model.generate(prompts, 8, temperature=0)
     for n, k in enumerate(ranks.tolist()):
@@ -278,12 +243,12 @@ def test_mixed_ranks_generate_minimal_gpt():
 def test_mixed_ranks_generate_hf(kind):
     """The same through Hugging Face generate (greedy, with its KV cache: one token per row per step)."""
     build, _, targets = HF[kind]
-    torch.manual_seed(0)
-    model = build().eval()
+    model = build()
     mlora.inject(model, targets, rank=8)
     train_briefly(model)
     model.generation_config.eos_token_id = None   # a row that stopped early would be padded in the batch
-    ranks, prompts = torch.tensor([8, 1, 2]), torch.randint(0, VOCAB, (3, 5), generator=torch.Generator().manual_seed(5))
+    ranks = torch.tensor([8, 1, 2])
+    prompts = torch.randint(0, VOCAB, (3, 5), generator=torch.Generator().manual_seed(5))
     options = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     mlora.set_rank(model, ranks)
     together = model.generate(prompts, **options)                     # (3, 13)
@@ -398,7 +363,6 @@ def test_allocate_ranks_finds_the_best_plan_where_it_is_known():
     """A calibration loss whose best plan is known: separable, with diminishing returns,
     on four layers of equal size. The greedy must find the brute-force optimum, which
     is not the uniform plan (so returning 'uniform if better' alone cannot pass)."""
-    import itertools
     model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(4)])
     mlora.inject(model, ["0", "1", "2", "3"], rank=8)
     layers = mlora.adapter_layers(model)
@@ -424,8 +388,6 @@ def test_allocate_ranks_finds_the_best_plan_where_it_is_known():
 
 def test_budget_example_runs(tmp_path, monkeypatch, capsys):
     """examples/budget.py end to end at a tiny size (its own asserts check budget and calibration)."""
-    import runpy
-    import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     monkeypatch.setattr(sys, "argv", ["budget.py", "--out_dir", str(tmp_path), "--calib_blocks", "4",
                                       "--pretrain_steps", "20", "--steps", "10", "--ft_chars", "50000",

@@ -5,18 +5,13 @@ import torch
 import torch.nn.functional as F
 
 import mlora
+from conftest import tiny_gpt
 
-V, BS = 50, 16   # vocabulary and block size of the tiny test model
-
-
-def tiny_gpt(seed=0, **overrides):
-    torch.manual_seed(seed)
-    config = mlora.GPTConfig(**dict(dict(block_size=BS, vocab_size=V, n_layer=2, n_head=2, n_embd=32), **overrides))
-    return mlora.GPT(config).eval()
+V, BS = 50, 16   # vocabulary and block size of the tiny test model (conftest.tiny_gpt: 2 blocks, width 32)
 
 
 def test_forward_shapes_and_loss():
-    model = tiny_gpt()
+    model = tiny_gpt(V, BS)
     idx = torch.randint(0, V, (3, BS))
     logits, loss = model(idx)
     assert logits.shape == (3, BS, V) and loss is None
@@ -27,7 +22,7 @@ def test_forward_shapes_and_loss():
 
 
 def test_loss_ignores_minus_one_targets():
-    model = tiny_gpt()
+    model = tiny_gpt(V, BS)
     idx = torch.randint(0, V, (2, 10))
     targets = torch.randint(0, V, (2, 10))
     targets[0, :4] = -1
@@ -43,7 +38,7 @@ def test_loss_ignores_minus_one_targets():
 
 
 def test_attention_is_causal():
-    model = tiny_gpt()
+    model = tiny_gpt(V, BS)
     idx = torch.randint(0, V, (1, 12))
     changed = idx.clone()
     changed[0, 8] = (idx[0, 8] + 1) % V
@@ -53,13 +48,13 @@ def test_attention_is_causal():
 
 
 def test_sequence_longer_than_block_size_raises():
-    model = tiny_gpt()
+    model = tiny_gpt(V, BS)
     with pytest.raises(ValueError, match=f"{BS + 1}.*{BS}"):
         model(torch.zeros(1, BS + 1, dtype=torch.long))
 
 
 def test_generate_greedy_sampled_and_reproducible():
-    model = tiny_gpt()
+    model = tiny_gpt(V, BS)
     idx = torch.randint(0, V, (2, 5))
     greedy = model.generate(idx, 30, temperature=0)   # runs past block_size: the context is cropped
     assert greedy.shape == (2, 35) and torch.equal(greedy[:, :5], idx)
@@ -79,7 +74,7 @@ def test_generate_greedy_sampled_and_reproducible():
 
 
 def test_top_k_restricts_to_the_k_most_likely():
-    model = tiny_gpt()
+    model = tiny_gpt(V, BS)
     idx = torch.randint(0, V, (1, 4))
     top3 = set(torch.topk(model(idx)[0][0, -1], 3).indices.tolist())
     for seed in range(20):
@@ -88,7 +83,7 @@ def test_top_k_restricts_to_the_k_most_likely():
 
 
 def test_num_params():
-    model = tiny_gpt()
+    model = tiny_gpt(V, BS)
     C, L = 32, 2
     # per block: two LayerNorms (4C), c_attn (3C^2 + 3C), attn.c_proj (C^2 + C), c_fc (4C^2 + 4C),
     # mlp.c_proj (4C^2 + C); plus ln_f (2C) and the tied token table (V*C); wpe (BS*C) left out

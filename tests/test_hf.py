@@ -6,9 +6,11 @@ transformers, safetensors and tokenizers are test dependencies (requirements-tes
 imported normally, so a missing one fails rather than skips. Every model is built
 from a config object; nothing is downloaded.
 """
+import copy
 import json
 import os
 import shutil
+from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")        # before transformers is imported
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -20,10 +22,9 @@ from safetensors.torch import save_file
 from tokenizers import ByteLevelBPETokenizer
 
 import mlora
+from conftest import GPT2_TARGETS, LLAMA_TARGETS, tiny_gpt, tiny_llama
 
 V, T = 100, 64   # vocabulary and context of the tiny checkpoints
-LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]   # the paper's
-GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
 
 
 def gpt2_config(**overrides):
@@ -39,7 +40,7 @@ def random_gpt2(seed=0):
     torch.manual_seed(seed)
     model = transformers.GPT2LMHeadModel(gpt2_config()).eval()
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             # std 0.2 on the projections makes attention far from uniform, so a head
             # or q/k/v mix-up would show in the logits
             p.add_(torch.randn_like(p) * (0.2 if p.dim() == 2 else 0.05))
@@ -47,11 +48,7 @@ def random_gpt2(seed=0):
 
 
 def random_llama(seed=0):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=T,
-                                      bos_token_id=0, eos_token_id=1)
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_llama(V, seed, max_position_embeddings=T, bos_token_id=0, eos_token_id=1)
 
 
 @pytest.fixture(scope="module")
@@ -238,100 +235,134 @@ def test_tokenizer_matches_transformers(tokenizer_dirs, layout):
 # adapters on Hugging Face models as they are, and on mlora.GPT
 
 
-def hf_forward(model, x):
-    return model(input_ids=x).logits
+KINDS = ["hf-gpt2", "hf-llama", "mlora-gpt"]
+PER_BLOCK = {"hf-gpt2": 4, "hf-llama": 7, "mlora-gpt": 4}   # adapted layers per block: c_proj is in attn and mlp
 
 
-def hf_loss(model, x):
-    return model(input_ids=x, labels=x).loss   # called with keyword arguments, as HF code does
-
-
-def gpt_forward(model, x):
-    return model(x)[0]
-
-
-def gpt_loss(model, x):
-    return model(x[:, :-1], x[:, 1:])[1]
-
-
-def build(kind):
-    """(model, targets, forward, loss, layers per block that get an adapter)."""
+def base_model(kind):
+    """A tiny random model of the kind in eval mode; the same weights on every call."""
     if kind == "hf-gpt2":
-        return random_gpt2(), GPT2_TARGETS, hf_forward, hf_loss, 4
+        return random_gpt2()
     if kind == "hf-llama":
-        return random_llama(), LLAMA_TARGETS, hf_forward, hf_loss, 7
-    torch.manual_seed(0)
-    model = mlora.GPT(mlora.GPTConfig(block_size=T, vocab_size=V, n_layer=2, n_head=2, n_embd=32)).eval()
-    return model, GPT2_TARGETS, gpt_forward, gpt_loss, 4
+        return random_llama()
+    return tiny_gpt(V, block_size=T)
 
 
-@pytest.mark.parametrize("kind", ["hf-gpt2", "hf-llama", "mlora-gpt"])
-def test_adapters_on_models_as_they_are(kind):
-    model, targets, forward, loss_fn, per_block = build(kind)
-    torch.manual_seed(2)
-    x = torch.randint(0, V, (4, 24))
+def targets(kind):
+    return LLAMA_TARGETS if kind == "hf-llama" else GPT2_TARGETS
+
+
+def logits(model, x):
+    """Logits under no_grad; Hugging Face models are called with keyword arguments only,
+    as Hugging Face code calls them."""
     with torch.no_grad():
-        before = forward(model, x)
-    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+        return model(x)[0] if isinstance(model, mlora.GPT) else model(input_ids=x).logits
 
-    names = mlora.inject(model, targets, rank=8)   # matryoshka, train ranks 1, 2, 4, 8
-    assert len(names) == 2 * per_block
-    layers = mlora.adapter_layers(model)
-    if kind == "hf-gpt2":   # HF GPT-2 keeps its Conv1D layers, (in, out) weights
-        assert all(type(l.base_layer).__name__ == "Conv1D" and l.fan_in_fan_out for l in layers.values())
-    with torch.no_grad():
-        # B is exactly zero at init, so the adapter adds exactly zero
-        assert torch.equal(forward(model, x), before)
 
-    # 20 AdamW steps on one fixed batch lower the loss; only adapters move
+def lm_loss(model, x):
+    """Next-token loss on x, with gradients."""
+    if isinstance(model, mlora.GPT):
+        return model(x[:, :-1], x[:, 1:])[1]
+    return model(input_ids=x, labels=x).loss
+
+
+def token_batch():
+    return torch.randint(0, V, (4, 24), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def trained(request):
+    """A model of each kind with rank-8 matryoshka adapters (train ranks 1, 2, 4, 8)
+    after 20 AdamW steps on one fixed batch, and what the training saw. Tests that
+    change the model work on a copy."""
+    kind = request.param
+    model = base_model(kind)
+    names = mlora.inject(model, targets(kind), rank=8)
+    x = token_batch()
     schedule = mlora.get_schedule(model)
+    steps_before = schedule.step
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    step0 = schedule.step
     losses = []
     for _ in range(20):
-        loss = loss_fn(model, x)
+        loss = lm_loss(model, x)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    assert schedule.step == step0 + 20   # the root pre-hook fires for keyword-argument calls too
-    with torch.no_grad():
-        final = loss_fn(model, x).item()
-    assert final < losses[0] - 0.1, (losses[0], final)
-    for n, p in model.named_parameters():
-        if n.endswith(("lora_A", "lora_B")):
-            assert not torch.equal(p, torch.zeros_like(p)) and p.requires_grad
-        else:   # base weights: frozen and untouched (adapter layers add '.base_layer' to the name)
-            assert not p.requires_grad and torch.equal(p, base[n.replace(".base_layer", "")])
     model.eval()
+    with torch.no_grad():
+        final = lm_loss(model, x).item()
+    return SimpleNamespace(kind=kind, model=model, names=names, x=x, losses=losses, final=final,
+                           steps=schedule.step - steps_before)
 
-    # every prefix rank equals its merged model; unmerge restores exactly
-    for k in schedule.train_ranks:
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_inject_adapts_every_target_and_a_fresh_adapter_changes_nothing(kind):
+    model = base_model(kind)
+    x = token_batch()
+    before = logits(model, x)
+    names = mlora.inject(model, targets(kind), rank=8)
+    assert len(names) == 2 * PER_BLOCK[kind]   # 2 blocks
+    layers = mlora.adapter_layers(model)
+    assert sorted(layers) == sorted(names)
+    if kind == "hf-gpt2":   # HF GPT-2 keeps its Conv1D layers, (in, out) weights
+        assert all(type(layer.base_layer).__name__ == "Conv1D" and layer.fan_in_fan_out for layer in layers.values())
+    assert torch.equal(logits(model, x), before)   # B is exactly zero at init, so the adapter adds exactly zero
+
+
+def test_training_lowers_the_loss_and_moves_only_the_adapters(trained):
+    assert trained.steps == 20   # one schedule step per training forward, keyword-argument calls included
+    assert trained.final < trained.losses[0] - 0.1, (trained.losses[0], trained.final)
+    base = dict(base_model(trained.kind).named_parameters())
+    for n, p in trained.model.named_parameters():
+        if n.endswith(("lora_A", "lora_B")):
+            assert p.requires_grad and p.abs().max() > 0, n
+        else:   # base weights: frozen and bit for bit untouched (adapter layers add '.base_layer' to the name)
+            assert not p.requires_grad and torch.equal(p, base[n.replace(".base_layer", "")]), n
+
+
+def test_merged_model_equals_the_unmerged_prefix_rank(trained):
+    model, x = copy.deepcopy(trained.model), trained.x
+    for k in mlora.get_schedule(model).train_ranks:
         mlora.set_rank(model, k)
-        with torch.no_grad():
-            adapter = forward(model, x)
+        adapter = logits(model, x)
         mlora.set_rank(model, None)
-        mlora.merge(model, k, keep_original=True)   # so unmerge restores the weights bit for bit
-        with torch.no_grad():
-            merged = forward(model, x)
+        mlora.merge(model, k)
+        merged = logits(model, x)
         mlora.unmerge(model)
         err = ((merged - adapter).abs().max() / adapter.abs().max()).item()
         assert err <= 1e-5, (k, err)   # float32; relative to the largest logit
-        for n, l in layers.items():
-            w = l.base_layer.weight
-            assert torch.equal(w, base[f"{n}.weight"]), n
-        mlora.set_rank(model, k)
-        with torch.no_grad():
-            assert torch.equal(forward(model, x), adapter)
-        mlora.set_rank(model, None)
-    with torch.no_grad():   # rank 1 and rank 8 differ: the prefixes are distinct adapters
-        mlora.set_rank(model, 1)
-        r1 = forward(model, x)
-        mlora.set_rank(model, 8)
-        assert (forward(model, x) - r1).abs().max() > 1e-4
 
-    # adapter_state_dict keys are the model's own module paths
+
+def test_unmerge_after_keep_original_restores_weights_and_outputs_bit_for_bit(trained):
+    model, x = copy.deepcopy(trained.model), trained.x
+    layers = mlora.adapter_layers(model)
+    weights = {n: layer.base_layer.weight.detach().clone() for n, layer in layers.items()}
+    for k in mlora.get_schedule(model).train_ranks:
+        mlora.set_rank(model, k)
+        adapter = logits(model, x)
+        mlora.set_rank(model, None)
+        mlora.merge(model, k, keep_original=True)
+        assert any(not torch.equal(layer.base_layer.weight, weights[n]) for n, layer in layers.items())   # merged
+        mlora.unmerge(model)
+        for n, layer in layers.items():
+            assert torch.equal(layer.base_layer.weight, weights[n]), (k, n)
+        mlora.set_rank(model, k)
+        assert torch.equal(logits(model, x), adapter), k
+        mlora.set_rank(model, None)
+
+
+def test_prefix_ranks_are_distinct_adapters(trained):
+    model, x = copy.deepcopy(trained.model), trained.x
+    mlora.set_rank(model, 1)
+    rank1 = logits(model, x)
+    mlora.set_rank(model, 8)
+    assert (logits(model, x) - rank1).abs().max() > 1e-4
+
+
+def test_adapter_state_dict_keys_are_the_models_module_paths(trained):
+    model, names = trained.model, trained.names
     state = mlora.adapter_state_dict(model)
     modules = dict(model.named_modules())
     assert len(state) == 2 * len(names)
@@ -341,22 +372,27 @@ def test_adapters_on_models_as_they_are(kind):
         assert name in names and isinstance(modules[name], mlora.MatryoshkaLinear), key
         layer = modules[name]
         assert tuple(tensor.shape) == ((8, layer.in_features) if suffix == "lora_A" else (layer.out_features, 8))
-    expected_paths = {"hf-gpt2": "transformer.h.0.attn.c_attn", "hf-llama": "model.layers.1.mlp.down_proj",
-                      "mlora-gpt": "transformer.h.1.mlp.c_fc"}[kind]
-    assert f"{expected_paths}.lora_A" in state
+    one_path = {"hf-gpt2": "transformer.h.0.attn.c_attn", "hf-llama": "model.layers.1.mlp.down_proj",
+                "mlora-gpt": "transformer.h.1.mlp.c_fc"}[trained.kind]
+    assert f"{one_path}.lora_A" in state
 
-    # the state loads into a fresh copy of the model and gives the same outputs
-    fresh, *_ = build(kind)
-    mlora.inject(fresh, targets, rank=8)
-    mlora.load_adapter_state_dict(fresh, state)
+
+def test_adapter_state_loads_into_a_fresh_model(trained):
+    model, x = copy.deepcopy(trained.model), trained.x
+    fresh = base_model(trained.kind)
+    mlora.inject(fresh, targets(trained.kind), rank=8)
+    assert not torch.equal(logits(fresh, x), logits(model, x))   # untrained: the check below is not vacuous
+    mlora.load_adapter_state_dict(fresh, mlora.adapter_state_dict(model))
     mlora.set_rank(model, 4)
     mlora.set_rank(fresh, 4)
-    with torch.no_grad():
-        assert torch.equal(forward(fresh, x), forward(model, x))
+    assert torch.equal(logits(fresh, x), logits(model, x))
 
-    mlora.remove(model)
-    with torch.no_grad():
-        assert torch.equal(forward(model, x), before)
+
+def test_remove_gives_back_the_base_model(trained):
+    model, x = copy.deepcopy(trained.model), trained.x
+    assert sorted(mlora.remove(model)) == sorted(trained.names)
+    assert not any(isinstance(m, mlora.MatryoshkaLinear) for m in model.modules())
+    assert torch.equal(logits(model, x), logits(base_model(trained.kind), x))
 
 
 def test_schedule_advances_for_keyword_calls_dylora():
@@ -379,16 +415,18 @@ def test_schedule_advances_for_keyword_calls_dylora():
     assert schedule.step == 13
 
 
-def test_llama_five_line_readme_recipe(tmp_path):
-    """The README's five-line recipe, on a tiny random Llama saved locally."""
+def test_llama_readme_recipe(tmp_path):
+    """The README's Llama recipe ('train as in Usage' filled in), on a tiny random Llama saved locally."""
     random_llama().save_pretrained(tmp_path)
     batch = torch.randint(0, V, (4, 16))
     # --- the recipe ---
     model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).train()   # HF loads in eval mode
     mlora.inject(model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], rank=32)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    for step in range(3):
-        model(input_ids=batch, labels=batch).loss.backward(); optimizer.step(); optimizer.zero_grad()
+    for _ in range(3):
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
     mlora.set_rank(model, 8)   # or mlora.merge(model, 8)
     # --- end ---
     assert len(mlora.adapter_layers(model)) == 14 and mlora.get_schedule(model).step == 3

@@ -8,61 +8,45 @@ one built here; nothing is downloaded.
 """
 
 import json
-import os
 import shutil
 import warnings
 
+import peft  # test-only dependencies: missing means failing, not skipping
 import pytest
 import torch
 import torch.nn as nn
-
-import mlora
-
-import peft  # test-only dependencies: missing means failing, not skipping
 import transformers
 from safetensors.torch import load_file, save_file
+
+import mlora
+from conftest import (
+    GPT2_TARGETS,
+    LLAMA_TARGETS,
+    assert_same,
+    load_peft,
+    logits_of,
+    snapshot,
+    tiny_gpt,
+    tiny_gpt2,
+    tiny_llama,
+)
+
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
 VOCAB = 96
 TOL = 1e-5       # float32 logits, mlora vs PEFT: the same factors applied in a different order
 EXACT = 1e-10    # float64, relative: what rounding leaves of an exact identity
-LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
 
 
 # -----------------------------------------------------------------------------
 # tiny models and helpers
 
 
-def tiny_gpt(dtype=torch.float32):
-    torch.manual_seed(0)
-    return mlora.GPT(mlora.GPTConfig(block_size=32, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32)).to(dtype).eval()
-
-
-def tiny_gpt2():
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=2,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return transformers.GPT2LMHeadModel(config).eval()
-
-
-def tiny_llama():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=32)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-HF = {"gpt2": (tiny_gpt2, transformers.GPT2LMHeadModel, GPT2_TARGETS),
-      "llama": (tiny_llama, transformers.LlamaForCausalLM, LLAMA_TARGETS)}
-
-
-def logits_of(model, ids):
-    with torch.no_grad():
-        out = model(ids)
-    return out[0] if isinstance(out, tuple) else out.logits
+HF = {  # kind -> (builder, class, adapter targets)
+    "gpt2": (lambda: tiny_gpt2(VOCAB), transformers.GPT2LMHeadModel, GPT2_TARGETS),
+    "llama": (lambda: tiny_llama(VOCAB), transformers.LlamaForCausalLM, LLAMA_TARGETS),
+}
 
 
 def token_ids(batch=3, length=12, seed=2):
@@ -83,33 +67,13 @@ def relative(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def snapshot(model):
-    """Everything a refused call must leave as it was."""
-    layers = mlora.adapter_layers(model)
-    schedule = mlora.get_schedule(model).config() if layers else None
-    return ({k: v.clone() for k, v in model.state_dict().items()}, schedule,
-            {n: l.active_rank for n, l in layers.items()}, [m.training for m in model.modules()],
-            [p.requires_grad for p in model.parameters()])
-
-
-def same(a, b):
-    """Equal values, dtype and shape, with nan equal to nan (torch.equal says nan != nan)."""
-    if a.dtype != b.dtype or not a.is_floating_point():
-        return torch.equal(a, b)
-    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0))
-
-
-def assert_unchanged(model, before):
-    state, schedule, ranks, modes, grads = snapshot(model)
-    assert state.keys() == before[0].keys()
-    assert all(same(state[k], before[0][k]) for k in state), "a refused call changed a tensor"
-    assert (schedule, ranks, modes, grads) == before[1:]
-
-
 def one_layer(in_features, out_features, rank, conv1d=False, **inject_options):
     """A single adapted layer in float64; conv1d=True is Hugging Face GPT-2's (in, out) layout."""
     torch.manual_seed(0)
-    base = transformers.pytorch_utils.Conv1D(out_features, in_features) if conv1d else nn.Linear(in_features, out_features)
+    if conv1d:
+        base = transformers.pytorch_utils.Conv1D(out_features, in_features)
+    else:
+        base = nn.Linear(in_features, out_features)
     model = nn.Sequential(base).double()
     mlora.inject(model, ["0"], rank=rank, **inject_options)
     randomize_adapters(model)
@@ -229,7 +193,7 @@ def test_calibrated_prefixes_minimise_the_output_error(conv1d, tokens):
 
 @pytest.mark.parametrize("method", mlora.METHODS)
 def test_full_rank_function_unchanged_for_every_method(method):
-    model = tiny_gpt(torch.float64)
+    model = tiny_gpt(VOCAB).double()
     mlora.inject(model, GPT2_TARGETS, rank=8, method=method, scaling="sqrt", alpha=2.0)
     randomize_adapters(model, std=0.1)
     ids = token_ids()
@@ -243,7 +207,7 @@ def test_full_rank_function_unchanged_for_every_method(method):
     assert relative(logits_of(model, ids), before) < EXACT
     mlora.svd_reorder(model, calibrate=lambda: model(ids))   # a second reorder, whitened, keeps it too
     assert relative(logits_of(model, ids), before) < EXACT
-    assert model.training and all(l.active_rank == 8 for l in mlora.adapter_layers(model).values())
+    assert model.training and all(layer.active_rank == 8 for layer in mlora.adapter_layers(model).values())
     mlora.set_rank(model, 2)
     assert relative(logits_of(model, ids), truncated) > 1e-3   # the rank-2 prefix did change: not vacuous
 
@@ -265,26 +229,26 @@ def test_full_rank_function_unchanged_on_hf_models(kind):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_low_precision_adapters(dtype):
     """The SVD runs in float64; only the cast back to the adapter dtype rounds."""
-    model = tiny_gpt()
+    model = tiny_gpt(VOCAB)
     mlora.inject(model, GPT2_TARGETS, rank=8, method="dylora", dtype=dtype)
     randomize_adapters(model, std=0.1)
     layers = mlora.adapter_layers(model)
-    deltas = {n: update(l, 8) for n, l in layers.items()}
+    deltas = {n: update(layer, 8) for n, layer in layers.items()}
     mlora.svd_reorder(model)
-    assert all(l.lora_A.dtype == dtype and l.lora_B.dtype == dtype for l in layers.values())
+    assert all(layer.lora_A.dtype == dtype and layer.lora_B.dtype == dtype for layer in layers.values())
     tol = 1e-6 if dtype == torch.float32 else 1e-2   # a few ulp of the dtype, relative to the update
     worst = {}
-    for n, l in layers.items():
+    for n, layer in layers.items():
         U, S, Vh = torch.linalg.svd(deltas[n])
         for k in (1, 4, 8):
             best = U[:, :k] @ torch.diag(S[:k]) @ Vh[:k]
-            worst[k] = max(worst.get(k, 0), (update(l, k) - best).norm().item() / deltas[n].norm().item())
+            worst[k] = max(worst.get(k, 0), (update(layer, k) - best).norm().item() / deltas[n].norm().item())
     print(f"\n{dtype}: largest relative prefix error vs float64 truncated SVD: {worst}")
     assert max(worst.values()) < tol, worst
 
 
 def test_allocate_ranks_and_export_use_the_svd_prefixes(tmp_path):
-    model = tiny_gpt()
+    model = tiny_gpt(VOCAB)
     mlora.inject(model, GPT2_TARGETS, rank=8, method="lora")
     randomize_adapters(model, std=0.1)
     ids = token_ids()
@@ -306,7 +270,7 @@ def test_allocate_ranks_and_export_use_the_svd_prefixes(tmp_path):
 
 
 def test_svd_reorder_refusals():
-    model = tiny_gpt()
+    model = tiny_gpt(VOCAB)
     with pytest.raises(ValueError, match="no Matryoshka adapters"):
         mlora.svd_reorder(model)
     names = mlora.inject(model, GPT2_TARGETS, rank=4)
@@ -316,11 +280,11 @@ def test_svd_reorder_refusals():
     for bad in ["not callable", 3]:
         with pytest.raises(TypeError, match="calibrate must be a callable"):
             mlora.svd_reorder(model, calibrate=bad)
-        assert_unchanged(model, before)
+        assert_same(before, snapshot(model))
     for bad in [0, -1e-3, 1.0, True, float("nan")]:
         with pytest.raises(ValueError, match="damping"):
             mlora.svd_reorder(model, damping=bad)
-        assert_unchanged(model, before)
+        assert_same(before, snapshot(model))
 
     # a calibration that never reaches the second block names an adapter there
     def first_block_only():
@@ -328,7 +292,7 @@ def test_svd_reorder_refusals():
         model.transformer.h[0](x)
     with pytest.raises(ValueError, match=r"never ran adapter transformer\.h\.1\.attn\.c_attn"):
         mlora.svd_reorder(model, calibrate=first_block_only)
-    assert_unchanged(model, before)
+    assert_same(before, snapshot(model))
 
     # non-finite calibration inputs, a calibrate that fails, a non-finite adapter
     def infinite_inputs():
@@ -336,14 +300,14 @@ def test_svd_reorder_refusals():
         model(ids)
     with pytest.raises(ValueError, match=r"inputs of transformer\.h\.0\.attn\.c_attn are not finite"):
         mlora.svd_reorder(model, calibrate=infinite_inputs)
-    assert_unchanged(model, before)
+    assert_same(before, snapshot(model))
 
     def failing():
         model(ids)
         raise RuntimeError("calibration data missing")
     with pytest.raises(RuntimeError, match="calibration data missing"):
         mlora.svd_reorder(model, calibrate=failing)
-    assert_unchanged(model, before)
+    assert_same(before, snapshot(model))
 
     layer = mlora.adapter_layers(model)[names[-1]]
     kept = layer.lora_B[0, 0].item()
@@ -352,7 +316,7 @@ def test_svd_reorder_refusals():
     nan_state = snapshot(model)
     with pytest.raises(ValueError, match=f"adapter {names[-1]} has non-finite values"):
         mlora.svd_reorder(model)
-    assert_unchanged(model, nan_state)
+    assert_same(nan_state, snapshot(model))
     with torch.no_grad():
         layer.lora_B[0, 0] = kept
 
@@ -360,9 +324,9 @@ def test_svd_reorder_refusals():
     merged = snapshot(model)
     with pytest.raises(ValueError, match="merged at rank 2; unmerge first"):
         mlora.svd_reorder(model)
-    assert_unchanged(model, merged)
+    assert_same(merged, snapshot(model))
     mlora.unmerge(model)
-    assert_unchanged(model, before)
+    assert_same(before, snapshot(model))
 
 
 # -----------------------------------------------------------------------------
@@ -388,13 +352,6 @@ def peft_adapter(kind, tmp_path, **lora_options):
     return tmp_path / "base", tmp_path / "adapter", logits_of(peft_model, token_ids())
 
 
-def load_peft(kind, base_dir, adapter_dir):
-    base = HF[kind][1].from_pretrained(base_dir)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return peft.PeftModel.from_pretrained(base, adapter_dir).eval()
-
-
 PEFT_CASES = {   # kind -> LoraConfig options: per-layer ranks and alphas by suffix, by full path, by regex
     "gpt2": dict(r=4, lora_alpha=8, target_modules=GPT2_TARGETS,
                  rank_pattern={"c_fc": 6, "transformer.h.0.attn.c_attn": 2}, alpha_pattern={"c_proj": 3}),
@@ -415,7 +372,7 @@ def test_import_peft_made_adapter_then_svd_then_export(kind, use_rslora, tmp_pat
     assert sorted(names) == sorted(layers) and mlora.get_schedule(model).config()["scaling"] == "none"
     assert (theirs - base_logits).abs().max() > 1e-3   # the adapter matters: the check below is not vacuous
     diffs = {"import": (logits_of(model, ids) - theirs).abs().max().item()}
-    rank = max(l.rank for l in layers.values())
+    rank = max(layer.rank for layer in layers.values())
     assert rank == (6 if kind == "gpt2" else 8)
 
     # then reorder by a calibrated SVD, and serve prefixes through PEFT
@@ -428,7 +385,7 @@ def test_import_peft_made_adapter_then_svd_then_export(kind, use_rslora, tmp_pat
         out = tmp_path / f"export_{len(diffs)}"
         mlora.export_peft(model, k, out)
         key = "export per-layer" if isinstance(k, dict) else f"export k={k}"
-        diffs[key] = (logits_of(load_peft(kind, base_dir, out), ids) - ours).abs().max().item()
+        diffs[key] = (logits_of(load_peft(HF[kind][1], base_dir, out), ids) - ours).abs().max().item()
     print(f"\n{kind} use_rslora={use_rslora}: max |logit difference| vs PEFT: "
           + ", ".join(f"{k}: {d:.1e}" for k, d in diffs.items()))
     assert max(diffs.values()) < TOL, diffs
@@ -444,7 +401,7 @@ def test_import_of_export_peft(kind, tmp_path):
     ids = token_ids()
     for k in (2, 4):
         mlora.export_peft(model, k, tmp_path / f"a{k}")
-        theirs = logits_of(load_peft(kind, tmp_path / "base", tmp_path / f"a{k}"), ids)
+        theirs = logits_of(load_peft(HF[kind][1], tmp_path / "base", tmp_path / f"a{k}"), ids)
         fresh = cls.from_pretrained(tmp_path / "base").eval()
         mlora.import_peft(fresh, tmp_path / f"a{k}")
         assert (logits_of(fresh, ids) - theirs).abs().max() < TOL
@@ -555,7 +512,7 @@ def test_import_peft_refusals(tmp_path):
         with pytest.raises(error, match=message):
             mlora.import_peft(model, bad_dir)
         assert not mlora.adapter_layers(model), case
-        assert_unchanged(model, before)
+        assert_same(before, snapshot(model))
 
     with pytest.raises(FileNotFoundError, match="no adapter directory"):
         mlora.import_peft(model, tmp_path / "nowhere")
@@ -569,10 +526,10 @@ def test_import_peft_refusals(tmp_path):
     (empty / "adapter_model.safetensors").write_bytes(b"truncated")
     with pytest.raises(ValueError, match="could not read the adapter tensors"):
         mlora.import_peft(model, empty)
-    assert_unchanged(model, before)
+    assert_same(before, snapshot(model))
 
     mlora.import_peft(model, adapter_dir)
     adapted = snapshot(model)
     with pytest.raises(ValueError, match="already has Matryoshka adapters"):
         mlora.import_peft(model, adapter_dir)
-    assert_unchanged(model, adapted)
+    assert_same(adapted, snapshot(model))
