@@ -7,7 +7,9 @@ elementwise scale, where the literal sum over ranks would take one matmul pair
 per rank. This script measures that promise and the deployment side:
 
   1. training step (forward + backward + AdamW step) time and peak memory of
-     every method, against a hand-written plain LoRA (y = base(x) + s B(A(x)));
+     every method, against a hand-written plain LoRA (y = base(x) + s B(A(x))),
+     the exact nested objective (mlora.nested_loss, |S| forwards) included, in
+     both forms: one backward of the summed loss, and a backward per rank;
   2. the adapter part alone: diag(P) against the explicit nested sum as |S|
      grows, at a fixed r and with S = every power of two up to r;
   3. inference latency: the base model, the adapter at rank k unmerged and
@@ -32,7 +34,7 @@ nothing. On a CPU with one torch thread (the default there) a time is the
 process's CPU time, which leaves out the time the scheduler gives to other
 processes.
 
-    python bench.py                  # GPT-2 small on CPU, 3 runs: ~12 CPU-minutes (more wall time on a busy machine)
+    python bench.py                  # GPT-2 small on CPU, 3 runs: ~20 CPU-minutes (more wall time on a busy machine)
     python bench.py --quick          # a tiny model, seconds: checks the script, too noisy for any claim
     python bench.py --device cuda    # bf16 autocast, TF32, a bigger batch, torch.compile (--compile off: eager)
     python bench.py --autocast bf16  # the bf16 autocast path on the CPU
@@ -44,26 +46,24 @@ versions, machine and date, to a JSON file (--out, default out/bench.json).
 import argparse
 import contextlib
 import copy
-import datetime
 import hashlib
-import json
 import math
 import os
 import platform
 import random
-import shlex
 import statistics
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, asdict, field
-from typing import Callable, Dict, List
+from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import mlora
+import mlora_scripts
+from mlora_scripts import BadFlag, positive_int
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -78,21 +78,20 @@ class BenchConfig:
     n_embd: int = 768
     vocab_size: int = 50257       # GPT-2's full vocabulary, so the lm_head weighs in as in real fine-tuning
     batch_size: int = 6           # 6 rows: the stratified schedule deals every rank of S once per step
-    seq_len: int = 32             # 192 tokens a step keeps the CPU run near 12 CPU-minutes
+    seq_len: int = 32             # 192 tokens a step keeps the CPU run near 20 CPU-minutes
     rank: int = 32                # adapter rank r; S = powers of two up to r
-    targets: List[str] = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])  # every linear of a block
+    targets: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])  # every linear of a block
     infer_rank: int = 8           # the k of "adapter at rank k"
     runs: int = 3                 # repetitions of the whole timing protocol: the report gives median and range
     warmup: int = 1               # rounds run and thrown away at the start of every run (setup ran one step already)
     reps: int = 8                 # timed training rounds per run (rounded up to whole balanced squares)
-    apart_reps: int = 2           # nested_loss costs |S| forwards: timed apart, in this many rounds with lora_ref
     infer_reps: int = 12          # timed inference rounds per run
     clock: str = "auto"           # wall or cpu; auto: process CPU time on a 1-thread CPU run, else wall
     # adapter-only benchmark, two sweeps of |S|: r fixed with S its top |S| powers of two,
     # and S = every power of two up to r for several r (|S| = log2(r) + 1)
     micro_fixed_rank: int = 32
-    micro_fixed_sizes: List[int] = field(default_factory=lambda: [2, 4, 6])   # S = {16, 32}, {4..32}, {1..32}
-    micro_ranks: List[int] = field(default_factory=lambda: [8, 32, 128])     # |S| = 4, 6, 8
+    micro_fixed_sizes: list[int] = field(default_factory=lambda: [2, 4, 6])   # S = {16, 32}, {4..32}, {1..32}
+    micro_ranks: list[int] = field(default_factory=lambda: [8, 32, 128])     # |S| = 4, 6, 8
     micro_tokens: int = 2048      # rows of x in the adapter-only benchmark
     micro_width: int = 768        # in = out features of the adapter-only benchmark
     micro_reps: int = 24
@@ -101,16 +100,13 @@ class BenchConfig:
 
 
 QUICK = dict(n_layer=2, n_head=2, n_embd=64, vocab_size=65, batch_size=4, seq_len=32, rank=8,
-             infer_rank=4, runs=2, warmup=1, reps=8, apart_reps=2, infer_reps=6, micro_fixed_rank=8,
+             infer_rank=4, runs=2, warmup=1, reps=8, infer_reps=6, micro_fixed_rank=8,
              micro_fixed_sizes=[2, 3, 4], micro_ranks=[4, 8, 16], micro_tokens=256,
              micro_width=64, micro_reps=6, switch_reps=20, min_sample_s=0.005)
 
 # A GPU finishes 192 tokens before it has launched all its kernels: give it a batch
 # whose time is the matmuls' (12 rows still deal every rank of S to two rows).
-CUDA = dict(batch_size=12, seq_len=512, reps=16, apart_reps=4, infer_reps=24, micro_tokens=8192, micro_reps=48)
-
-# Variants timed in the balanced rounds are the rest; these are timed apart, paired with lora_ref.
-APART = ("nested_loss",)
+CUDA = dict(batch_size=12, seq_len=512, reps=16, infer_reps=24, micro_tokens=8192, micro_reps=48)
 
 # -----------------------------------------------------------------------------
 # the two reference layers: plain LoRA, and the Matryoshka sum written out
@@ -133,7 +129,7 @@ class LoRALinear(nn.Module):
         return self.base_layer(x) + self.lora_B(self.lora_A(x)) * self.scaling   # (..., out)
 
 
-def inject_lora(model: nn.Module, targets: List[str], rank: int) -> List[str]:
+def inject_lora(model: nn.Module, targets: list[str], rank: int) -> list[str]:
     """Swap the named nn.Linear layers for LoRALinear; freeze everything else."""
     modules = dict(model.named_modules())
     names = [n for n, m in modules.items()
@@ -189,23 +185,15 @@ class _NoBase(nn.Module):
 # the device: every CUDA-only line of the script is in this section
 
 
-def setup_device(name: str, threads, autocast: str):
-    """(device, a function returning the autocast context, the autocast dtype or None)."""
-    device = torch.device(name)
-    if device.type == "cuda":
-        if threads:
-            torch.set_num_threads(threads)
-        torch.backends.cuda.matmul.allow_tf32 = True   # float32 matmuls as a fine-tuning run would do them
-        if autocast == "auto":
-            autocast = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    else:
-        torch.set_num_threads(threads or 1)   # a shared machine's cores are contended: one thread by default
-        if autocast == "auto":
-            autocast = "off"
-    if autocast == "off":
-        return device, contextlib.nullcontext, None
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[autocast]
-    return device, (lambda: torch.autocast(device.type, dtype=dtype)), dtype
+def setup_device(name: str, threads, autocast: str) -> mlora_scripts.Runtime:
+    """The runtime: the device (TF32 matmuls on CUDA, as a fine-tuning run would do them), torch's
+    threads (on a CPU one by default: a shared machine's cores are contended) and the autocast
+    dtype (auto: bf16 on CUDA, fp16 where it lacks bf16; off on the CPU)."""
+    cuda = torch.device(name).type == "cuda"
+    if autocast == "auto":
+        autocast = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "off"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[autocast]
+    return mlora_scripts.setup_runtime(name, threads or (0 if cuda else 1), dtype)
 
 
 def _sync(device):
@@ -218,7 +206,8 @@ def _cuda_memory_of(fn, device) -> dict:
     _sync(device)
     torch.cuda.reset_peak_memory_stats(device)
     start = torch.cuda.memory_allocated(device)
-    allocated = lambda: torch.cuda.memory_stats(device)["allocated_bytes.all.allocated"]
+    def allocated():
+        return torch.cuda.memory_stats(device)["allocated_bytes.all.allocated"]
     total0 = allocated()
     fn()
     _sync(device)
@@ -236,14 +225,14 @@ def device_description(device) -> dict:
     if device.type == "cuda":
         return dict(device=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
                     cudnn=torch.backends.cudnn.version(), tf32=torch.backends.cuda.matmul.allow_tf32)
-    return dict(device=f"CPU ({cpu_model()}, {os.cpu_count()} cores)", cuda=torch.version.cuda)
+    return dict(device=f"CPU ({mlora_scripts.cpu_model()}, {os.cpu_count()} cores)", cuda=torch.version.cuda)
 
 
 # -----------------------------------------------------------------------------
 # the order of the timed rounds
 
 
-def williams_square(n: int) -> List[List[int]]:
+def williams_square(n: int) -> list[list[int]]:
     """n orders of 0..n-1: every value once in every position, and for even n every
     ordered pair (a, b) adjacent exactly once (for odd n, over the square and its mirror)."""
     first, lo, hi = [0], 1, n - 1
@@ -267,7 +256,7 @@ def balanced_rounds(reps: int, n: int) -> int:
     return max(1, math.ceil(reps / size)) * size
 
 
-def balanced_orders(names: List[str], rounds: int, seed: int) -> List[List[str]]:
+def balanced_orders(names: list[str], rounds: int, seed: int) -> list[list[str]]:
     """rounds orders of names: each name in every position, and right after each other
     name, equally often. Each square gets its own seeded relabelling and row shuffle, so
     no variant is tied to a fixed neighbour across squares or runs."""
@@ -292,7 +281,7 @@ def balanced_orders(names: List[str], rounds: int, seed: int) -> List[List[str]]
 # timing and its summary
 
 
-def interleaved(fns: Dict[str, Callable], warmup: int, rounds: int, device, min_sample_s: float = 0.0,
+def interleaved(fns: dict[str, Callable], warmup: int, rounds: int, device, min_sample_s: float = 0.0,
                 seed: int = 0):
     """({name: {'wall': [...], 'cpu': [...]}} seconds per call, one per timed round; the orders used).
 
@@ -337,7 +326,7 @@ def _quartiles(xs):
     return q1, q2, q3
 
 
-def summarize_run(times, ref: str) -> Dict[str, dict]:
+def summarize_run(times, ref: str) -> dict[str, dict]:
     """One run: {variant: {clock: median time, IQR, and the paired ratio to ref with its IQR}}.
 
     The paired ratio is the median over rounds of t / t_ref from the same round,
@@ -353,7 +342,7 @@ def summarize_run(times, ref: str) -> Dict[str, dict]:
     return out
 
 
-def combine_runs(runs: List[Dict[str, dict]], clock: str) -> Dict[str, dict]:
+def combine_runs(runs: list[dict[str, dict]], clock: str) -> dict[str, dict]:
     """Across runs: the median of the runs' median times and paired ratios, and the ratio's
     range (min and max over runs). The per-run figures stay in 'runs'."""
     out = {}
@@ -486,7 +475,7 @@ def share_base(base: nn.Module) -> nn.Module:
     return copy.deepcopy(base, memo={id(p): p for p in base.parameters()})
 
 
-def adapter_factors(model: nn.Module) -> Dict[str, tuple]:
+def adapter_factors(model: nn.Module) -> dict[str, tuple]:
     """{layer name: (A (r, in), B (out, r))} of any of the three adapter kinds, as views of its parameters."""
     out = {}
     for n, m in model.named_modules():
@@ -500,7 +489,7 @@ def adapter_factors(model: nn.Module) -> Dict[str, tuple]:
 
 
 @torch.no_grad()
-def set_factors(model: nn.Module, factors: Dict[str, tuple]):
+def set_factors(model: nn.Module, factors: dict[str, tuple]):
     mine = adapter_factors(model)
     if set(mine) != set(factors):
         raise ValueError(f"adapted layers differ: {sorted(set(mine) ^ set(factors))[:4]}")
@@ -528,7 +517,8 @@ def build_train_variants(base: nn.Module, cfg: BenchConfig, use_peft: bool):
         variants[name] = share_base(base)
         inject_lora(variants[name], cfg.targets, cfg.rank)
     for name, method in [("mlora_lora", "lora"), ("matryoshka", "matryoshka"), ("nested_sum", "matryoshka"),
-                         ("dylora", "dylora"), ("stratified", "stratified"), ("nested_loss", "matryoshka")]:
+                         ("dylora", "dylora"), ("stratified", "stratified"), ("nested_loss", "matryoshka"),
+                         ("nested_loss_backward", "matryoshka")]:
         model = share_base(base)
         mlora.inject(model, cfg.targets, cfg.rank, method=method, train_ranks=S)
         variants[name] = model
@@ -541,8 +531,10 @@ def build_train_variants(base: nn.Module, cfg: BenchConfig, use_peft: bool):
             variants["peft_lora"] = model
     else:
         notes["peft_lora"] = "skipped (--no-peft)"
-    notes["nested_loss"] = (f"timed apart from the balanced rounds, paired with lora_ref: it costs |S| = {len(S)} "
-                            f"forwards, and in the rounds it would take most of the time")
+    notes["nested_loss"] = (f"mlora.nested_loss, the exact nested objective: |S| = {len(S)} forwards summed, then "
+                            f"one backward (|S| graphs alive at once)")
+    notes["nested_loss_backward"] = (f"mlora.nested_loss(backward=True): each of the |S| = {len(S)} forwards "
+                                     f"followed by its backward (one graph alive at a time), the same gradients")
     # identical, non-zero adapters everywhere: B = 0 would make every method compute the base model
     g = torch.Generator().manual_seed(0)
     factors = {n: (torch.randn(A.shape, generator=g) / math.sqrt(A.shape[1]), torch.randn(B.shape, generator=g) * 0.02)
@@ -569,29 +561,59 @@ def check_equivalences(variants, idx, targets, autocast, loose: bool):
                 raise AssertionError(f"{n} computes a different loss ({v}) than {group[0]} ({first})")
 
 
+@torch.no_grad()
+def check_nested_gradients(variants, idx, targets, autocast, loose: bool):
+    """nested_loss with backward=True must give the summed form's gradients (to rounding: the
+    per-rank gradients add up in another order), else the two rows compare different work."""
+    grads = {}
+    for name, backward in (("nested_loss", False), ("nested_loss_backward", True)):
+        model = variants[name]
+        with torch.enable_grad():
+            loss = mlora.nested_loss(model, _loss_fn(model, idx, targets, autocast), backward=backward)
+            if not backward:
+                loss.backward()
+        grads[name] = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+    tol = 2e-2 if loose else 1e-4   # relative to the largest entry of each gradient
+    for n, g in grads["nested_loss"].items():
+        error = float((g - grads["nested_loss_backward"][n]).abs().max())
+        if error > tol * float(g.abs().max()):
+            raise AssertionError(f"nested_loss(backward=True) gives another gradient for {n}: max |diff| {error:.3g}")
+
+
+def _loss_fn(model, idx, targets, autocast):
+    """The training loss of model on the batch, its forward under autocast."""
+    def compute():
+        with autocast():
+            return model(idx, targets)[1]
+    return compute
+
+
 def train_steps(variants, idx, targets, autocast):
     """{name: a closure doing one training step} and their optimizers."""
     steps, opts = {}, {}
     for name, model in variants.items():
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        if name == "nested_loss":   # the exact objective: one forward per rank, summed
-            def compute(model=model):
-                return mlora.nested_loss(model, lambda: model(idx, targets)[1])
+        compute = _loss_fn(model, idx, targets, autocast)
+        if name == "nested_loss":   # the exact objective: one forward per rank, summed, then one backward
+            def backward(model=model, compute=compute):
+                mlora.nested_loss(model, compute).backward()
+        elif name == "nested_loss_backward":   # the same, each rank's backward right after its forward
+            def backward(model=model, compute=compute):
+                mlora.nested_loss(model, compute, backward=True)
         else:
-            def compute(model=model):
-                return model(idx, targets)[1]
+            def backward(compute=compute):
+                compute().backward()
 
-        def step(opt=opt, compute=compute):
+        def step(opt=opt, backward=backward):
             opt.zero_grad(set_to_none=True)
-            with autocast():
-                loss = compute()
-            loss.backward()
+            backward()
             opt.step()
         steps[name], opts[name] = step, opt
     return steps, opts
 
 
-def maybe_compile(models: Dict[str, nn.Module], enabled: bool) -> Dict[str, str]:
+def maybe_compile(models: dict[str, nn.Module], enabled: bool) -> dict[str, str]:
     """Compile each model's forward in place where it works; {name: what happened}."""
     status = {}
     if enabled:   # every variant recompiles the same Block.forward; the default limit (8) would leave some eager
@@ -622,6 +644,7 @@ def setup_training(base, cfg, device, autocast, use_peft, compile_models, loose)
     targets = torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.seq_len), generator=g).to(device)  # (B, T)
     variants, notes = build_train_variants(base, cfg, use_peft)
     check_equivalences(variants, idx, targets, autocast, loose)
+    check_nested_gradients(variants, idx, targets, autocast, loose)
     compiled = maybe_compile(variants, compile_models)
     steps, opts = train_steps(variants, idx, targets, autocast)
     for name, step in list(steps.items()):   # first step: AdamW state, and compilation, happen here
@@ -650,22 +673,33 @@ def setup_training(base, cfg, device, autocast, use_peft, compile_models, loose)
 
 
 def time_training(setup, cfg, device, seed):
-    """One run: the balanced rounds, then each APART variant in its own rounds with lora_ref."""
+    """One run: every training variant, nested_loss included, in the same balanced rounds."""
     steps = setup["steps"]
-    rounds_of = {n: s for n, s in steps.items() if n not in APART}
-    times, orders = interleaved(rounds_of, cfg.warmup, balanced_rounds(cfg.reps, len(rounds_of)), device,
-                                seed=seed)
-    run = summarize_run(times, "lora_ref")
-    for name in APART:
-        pair = {"lora_ref": steps["lora_ref"], name: steps[name]}
-        pair_times, _ = interleaved(pair, 0, balanced_rounds(cfg.apart_reps, 2), device, seed=seed)
-        run[name] = summarize_run(pair_times, "lora_ref")[name]
-    return run, orders
+    times, orders = interleaved(steps, cfg.warmup, balanced_rounds(cfg.reps, len(steps)), device, seed=seed)
+    return summarize_run(times, "lora_ref"), orders
+
+
+NESTED_LOSS = ("nested_loss", "nested_loss_backward")   # the exact objective's two forms
+
+
+def nested_loss_vs_lora(train: dict, n_train_ranks: int) -> dict:
+    """{form: row}: each nested_loss training step beside a plain LoRA step (lora_ref): the paired
+    time ratio from the same balanced rounds, and peak memory and FLOPs measured the same way."""
+    ref, out = train["memory"]["lora_ref"], {}
+    for name in NESTED_LOSS:
+        row, mem = train["rows"][name], train["memory"][name]
+        out[name] = dict(n_train_ranks=n_train_ranks, time_ratio=row["ratio"], time_ratio_min=row["ratio_min"],
+                         time_ratio_max=row["ratio_max"], peak_bytes=mem["peak_bytes"],
+                         lora_peak_bytes=ref["peak_bytes"], peak_ratio=mem["peak_ratio"],
+                         method_bytes=mem["method_bytes"], lora_method_bytes=ref["method_bytes"],
+                         method_bytes_ratio=mem["method_bytes_ratio"], flops_ratio=mem["flops_ratio"])
+    return out
 
 
 def micro_configs(cfg: BenchConfig):
     """[(r, S, in the fixed-r sweep, in the r sweep)], each (r, S) once."""
-    full = lambda r: mlora.default_train_ranks(r)
+    def full(r):
+        return mlora.default_train_ranks(r)
     configs = {}
     for size in cfg.micro_fixed_sizes:
         S = full(cfg.micro_fixed_rank)
@@ -796,7 +830,7 @@ def bench_merge_memory(base, source, cfg, device):
         for n, layer in layers.items():   # each mode starts from the exact base weights
             layer.base_layer.weight.copy_(originals[n + ".weight"])
         held = reachable_bytes(model)
-        mem = memory_of(lambda: mlora.merge(model, k, keep_original=keep), device)
+        mem = memory_of(lambda keep=keep: mlora.merge(model, k, keep_original=keep), device)
         kept = reachable_bytes(model) - held
         mlora.unmerge(model)
         error = max(float((layer.base_layer.weight.float() - originals[n + ".weight"].float()).abs().max())
@@ -825,8 +859,11 @@ def bench_rank_switch(models, cfg, device):
     """
     model, S = models["unmerged_k"], mlora.default_train_ranks(cfg.rank)
     layers = mlora.adapter_layers(model)
-    ptrs = lambda: {n: (l.lora_A.data_ptr(), l.lora_B.data_ptr(), l.base_layer.weight.data_ptr())
-                    for n, l in layers.items()}
+
+    def ptrs():
+        return {n: (layer.lora_A.data_ptr(), layer.lora_B.data_ptr(), layer.base_layer.weight.data_ptr())
+                for n, layer in layers.items()}
+
     before = ptrs()
     mixed = torch.tensor([S[i % len(S)] for i in range(cfg.batch_size)], device=device)
 
@@ -848,7 +885,7 @@ def bench_rank_switch(models, cfg, device):
     int_alloc = memory_of(cycle_int, device)          # ends at an int rank: no tables held
     tensor_alloc = memory_of(lambda: mlora.set_rank(model, mixed), device)
     tables = sum(allocated_size(_tensor_bytes([t]), device)
-                 for l in layers.values() for t in (l._row_p, l.active_rank))
+                 for layer in layers.values() for t in (layer._row_p, layer.active_rank))
     table_limit = 4 * allocated_size(cfg.batch_size * cfg.rank * 8, device)   # four (batch, r) float64 tables
     unchanged = ptrs() == before
     no_copy = (unchanged and int_alloc["total"] == 0 and tensor_alloc["net"] == tables
@@ -870,7 +907,7 @@ def bench_rank_switch(models, cfg, device):
                 set_rank_tensor_largest_alloc_bytes=tensor_alloc["largest"],
                 set_rank_tensor_peak_above_kept_bytes=tensor_alloc["peak"] - tensor_alloc["net"],
                 set_rank_tensor_net_bytes=tensor_alloc["net"], row_table_bytes=tables,
-                adapter_weight_bytes=_tensor_bytes(t for l in layers.values() for t in (l.lora_A, l.lora_B)),
+                adapter_weight_bytes=_tensor_bytes(t for m in layers.values() for t in (m.lora_A, m.lora_B)),
                 data_ptrs_unchanged=unchanged, no_weight_copy=no_copy,
                 merged_switch_s=t_merge, merged_switch_alloc_bytes=merge_alloc["total"] // len(ranks),
                 how=("data_ptr of every lora_A, lora_B and base weight compared before and after; the bytes "
@@ -884,17 +921,6 @@ def bench_rank_switch(models, cfg, device):
 # what was run, where: recorded in every JSON
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _load_average():
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -902,31 +928,20 @@ def _load_average():
         return None
 
 
-def git_state() -> dict:
-    """The commit checked out, whether tracked files differ from it, and a hash of the two files that
-    decide the numbers (so a run from a dirty tree still names its code)."""
-    def git(*args):
-        try:
-            proc = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return proc.stdout.strip() if proc.returncode == 0 else None
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+def code_sha256() -> dict:
+    """A hash of the two files that decide the numbers, so a run from a dirty tree still names its code."""
     files = {}
     for name in ("bench.py", "mlora.py"):
         with open(os.path.join(ROOT, name), "rb") as f:
             files[name] = hashlib.sha256(f.read()).hexdigest()
-    return dict(commit=commit or "unknown (not a git checkout)", dirty=None if status is None else bool(status),
-                sha256=files)
+    return files
 
 
-def provenance(argv, device, autocast_dtype, compile_models) -> dict:
-    return dict(command=shlex.join(["python", "bench.py", *argv]), git=git_state(),
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                machine=dict(device_description(device), cpu_model=cpu_model(), cpu_count=os.cpu_count(),
-                             threads=torch.get_num_threads(), torch=torch.__version__,
-                             python=platform.python_version(), platform=platform.platform(),
+def run_record(argv, device, autocast_dtype, compile_models) -> dict:
+    """provenance (mlora_scripts' key set), the code's hashes, and what of the machine and the
+    settings bears on timings: device, platform, autocast, compile, load average."""
+    return dict(provenance=mlora_scripts.provenance("bench.py", argv), code_sha256=code_sha256(),
+                machine=dict(device_description(device), platform=platform.platform(),
                              autocast=str(autocast_dtype) if autocast_dtype else "off",
                              compile=compile_models, load_average_start=_load_average()))
 
@@ -943,12 +958,15 @@ def targets_met(result, judged: bool):
     train, infer = result["train"]["rows"], result["inference"]["rows"]
     micro, memory, switch = result["adapter_only"], result["train"]["memory"], result["rank_switch"]
     merge = result["merge_memory"]
-    per_run = lambda row: [run[row["clock"]]["ratio"] for run in row["runs"]]
-    increasing = lambda xs: len(xs) > 1 and all(a < b for a, b in zip(xs, xs[1:]))
+    def per_run(row):
+        return [run[row["clock"]]["ratio"] for run in row["runs"]]
+    def increasing(xs):
+        return len(xs) > 1 and all(a < b for a, b in zip(xs, xs[1:]))
     six = [row for row in micro if row["n_train_ranks"] == 6 and row["rank_sweep"]]   # S = {1, 2, ..., 32}
     fixed = sorted((row for row in micro if row["fixed_rank_sweep"]), key=lambda row: row["n_train_ranks"])
     swept = sorted((row for row in micro if row["rank_sweep"]), key=lambda row: row["rank"])
-    gaps = lambda rows: [[row["gap_runs"][i] for row in rows] for i in range(len(micro[0]["gap_runs"]))]
+    def gaps(rows):
+        return [[row["gap_runs"][i] for row in rows] for i in range(len(micro[0]["gap_runs"]))]
     checks = {   # name: (values, one per run, or one value; target; test of one value)
         "train_time_matryoshka_vs_lora": (per_run(train["matryoshka"]), "<= 1.02", lambda v: v <= 1.02),
         "train_peak_memory_matryoshka_vs_lora": ([memory["matryoshka"]["peak_ratio"]], "within 1%",
@@ -990,28 +1008,34 @@ def _range(row):
 
 
 def print_report(result):
-    c, m = result["config"], result["machine"]
+    c, m, p = result["config"], result["machine"], result["provenance"]
     print(f"\nmodel: mlora.GPT {c['n_layer']} layers x {c['n_embd']} wide, vocab {c['vocab_size']}; "
           f"adapters on {', '.join(c['targets'])} at r = {c['rank']}, S = {result['train_ranks']}; "
-          f"batch {c['batch_size']} x seq {c['seq_len']}; {m['device']}, {m['threads']} thread(s), "
-          f"torch {m['torch']}, autocast {m['autocast']}")
+          f"batch {c['batch_size']} x seq {c['seq_len']}; {m['device']}, {p['threads']} thread(s), "
+          f"torch {p['torch']}, autocast {m['autocast']}")
     clock = "process CPU time" if c["clock"] == "cpu" else "wall time"
     print(f"times: {clock}; {c['runs']} runs, each {c['warmup']} warm-up + {result['train']['rounds']} balanced "
           f"rounds (training), {result['inference']['rounds']} (inference); ratio = paired ratio, median over "
           f"runs [min, max over runs]\n")
     train = result["train"]
     print("training step (forward + backward + AdamW), vs hand-written plain LoRA (lora_ref)")
-    print(f"{'variant':<15} {'median ms':>10} {'time ratio [range]':>26} {'peak MB':>8} {'ratio':>6} "
+    w = max(15, *map(len, train["rows"]))
+    print(f"{'variant':<{w}} {'median ms':>10} {'time ratio [range]':>26} {'peak MB':>8} {'ratio':>6} "
           f"{'method MB':>10} {'ratio':>6} {'GFLOP':>7} {'ratio':>6}")
     for n, r in train["rows"].items():
         mem = train["memory"][n]
-        print(f"{n:<15} {r['median_s'] * 1e3:10.1f} {_range(r):>26} {_mb(mem['peak_bytes']):8.1f} "
+        print(f"{n:<{w}} {r['median_s'] * 1e3:10.1f} {_range(r):>26} {_mb(mem['peak_bytes']):8.1f} "
               f"{mem['peak_ratio']:6.3f} {_mb(mem['method_bytes']):10.1f} {mem['method_bytes_ratio']:6.3f} "
               f"{mem['flops'] / 1e9:7.2f} {mem['flops_ratio']:6.3f}")
     for n, why in train["notes"].items():
-        print(f"{n:<12} {why}")
+        print(f"{n:<{w}} {why}")
     print(f"(method MB = peak minus the {_mb(train['base_weight_bytes']):.0f} MB of frozen base weights; "
           f"GFLOP: the profiler's count for one step, matmuls and elementwise ops)")
+    for name, nl in train["nested_loss_vs_lora"].items():
+        print(f"{name} (|S| = {nl['n_train_ranks']} forwards) vs a LoRA step: time {nl['time_ratio']:.2f}x "
+              f"[{nl['time_ratio_min']:.2f}, {nl['time_ratio_max']:.2f}], peak memory {_mb(nl['peak_bytes']):.1f} MB "
+              f"vs {_mb(nl['lora_peak_bytes']):.1f} MB ({nl['peak_ratio']:.2f}x; without base weights "
+              f"{nl['method_bytes_ratio']:.2f}x), FLOPs {nl['flops_ratio']:.2f}x")
     micro = result["adapter_only"]
     print(f"\nadapter part only (forward + backward, no base matmul), x: {micro[0]['tokens']} x {micro[0]['width']}")
     print(f"{'r':>4} {'S':<22} {'lora ms':>8} {'matryoshka ms':>14} {'nested sum ms':>14} "
@@ -1052,7 +1076,7 @@ def print_report(result):
           f"{noise['inference_aa']['max']:.3f}].")
     print(f"Order and drift bias, bounded by the A/A: a time ratio within {noise['bound']:.3f} of 1 cannot be told "
           f"from 1 on this machine. Load average (1, 5, 15 min) at start {m['load_average_start']}, at end "
-          f"{m['load_average_end']}, on {m['cpu_count']} cores: timings on a shared machine carry that noise.\n")
+          f"{m['load_average_end']}, on {p['cores']} cores: timings on a shared machine carry that noise.\n")
     print("targets (met only if every run meets it)")
     for name, t in result["targets"].items():
         v = t["value"]
@@ -1070,36 +1094,46 @@ QUICK_DISCLAIMER = ("--quick: a tiny model and few rounds, to check that the scr
 # -----------------------------------------------------------------------------
 
 
+def check_device(name: str):
+    """cpu or cuda[:i], and a GPU when cuda is asked for; else BadFlag naming the value."""
+    if not name.startswith(("cpu", "cuda")):
+        raise BadFlag(f"--device must be cpu or cuda, got {name!r}")
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise BadFlag(f"--device {name!r} is not a device name (cpu, cuda, cuda:1)") from None
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BadFlag(f"--device {name} but torch.cuda.is_available() is False")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     parser.add_argument("--quick", action="store_true", help="a tiny model; seconds; too noisy for any claim")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default 1 on CPU: a shared machine's cores are contended)")
     parser.add_argument("--autocast", choices=["auto", "bf16", "fp16", "off"], default="auto",
                         help="mixed precision (auto: bf16 on cuda, fp16 where it lacks bf16; off on cpu)")
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                         help="torch.compile the models (auto: on for cuda, off for cpu)")
     parser.add_argument("--no-peft", action="store_true", help="leave out PEFT's LoRA")
-    parser.add_argument("--runs", type=int, default=None,
+    parser.add_argument("--runs", type=positive_int, default=None,
                         help="repetitions of the timing protocol (default 3, quick 2)")
-    parser.add_argument("--reps", type=int, default=None,
+    parser.add_argument("--reps", type=positive_int, default=None,
                         help="timed training rounds per run, rounded up to whole balanced squares (default 8)")
     parser.add_argument("--clock", choices=["auto", "wall", "cpu"], default="auto",
                         help="what a time is (auto: process CPU time on a one-thread CPU run, else wall time)")
     parser.add_argument("--out", default=os.path.join("out", "bench.json"), help="where to write the JSON")
     args = parser.parse_args(argv)
-    for flag in ("runs", "reps", "threads"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            parser.error(f"--{flag} must be at least 1, got {value}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device} but torch.cuda.is_available() is False")
-    if not args.device.startswith(("cpu", "cuda")):
-        parser.error(f"--device must be cpu or cuda, got {args.device!r}")
+    try:
+        check_device(args.device)
+        mlora_scripts.check_out_file(args.out, "--out")   # before minutes of timing, not after
+    except BadFlag as e:
+        parser.error(str(e))
 
-    device, autocast, autocast_dtype = setup_device(args.device, args.threads, args.autocast)
+    rt = setup_device(args.device, args.threads, args.autocast)
+    device, autocast, autocast_dtype = rt.device, rt.amp, rt.autocast
     cfg = BenchConfig(**(QUICK if args.quick else CUDA if device.type == "cuda" else {}))
     cfg.runs = args.runs or cfg.runs
     cfg.reps = args.reps or cfg.reps
@@ -1114,7 +1148,7 @@ def main(argv=None):
                           vocab_size=cfg.vocab_size, block_size=max(cfg.seq_len, 64))
     base = mlora.GPT(gpt).to(device).requires_grad_(False)
     t0 = time.time()
-    result = dict(provenance(argv, device, autocast_dtype, compile_models), config=asdict(cfg),
+    result = dict(run_record(argv, device, autocast_dtype, compile_models), config=asdict(cfg),
                   train_ranks=mlora.default_train_ranks(cfg.rank), memory_method=MEMORY_METHOD[device.type])
     print(f"base model: {base.num_params() / 1e6:.1f}M parameters; building and checking the variants ...", flush=True)
     train = setup_training(base, cfg, device, autocast, not args.no_peft, compile_models, loose)
@@ -1134,6 +1168,7 @@ def main(argv=None):
     result["train"] = dict(rows=combine_runs(train_runs, cfg.clock), memory=train["memory"], notes=train["notes"],
                            base_weight_bytes=train["base_weight_bytes"], rounds=len(train_orders[0]),
                            orders=train_orders, tokens_per_step=cfg.batch_size * cfg.seq_len)
+    result["train"]["nested_loss_vs_lora"] = nested_loss_vs_lora(result["train"], len(result["train_ranks"]))
     result["adapter_only"] = []
     for i, s in enumerate(micro):
         rows = combine_runs([runs[i] for runs in micro_runs], cfg.clock)
@@ -1158,18 +1193,11 @@ def main(argv=None):
     result["machine"]["load_average_end"] = _load_average()
     result["wall_s"] = time.time() - t0
     print_report(result)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    mlora.atomic_write(args.out, lambda path: _write_json(result, path))
+    mlora_scripts.write_json(args.out, result)
     print(f"wrote {args.out} ({result['wall_s']:.0f} s)")
     if args.quick:
         print(QUICK_DISCLAIMER)
     return result
-
-
-def _write_json(obj, path):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
 
 
 if __name__ == "__main__":

@@ -53,6 +53,12 @@ the ranks), on the first seed; the other seeds reuse it. lora-svd is scored by
 its own, SVD-ordered prefixes. Only the learning rate is tuned, as the paper
 tunes it.
 
+Reading the code: the fine-tuning loop is all in finetune() (learning rate, batch, forward,
+backward, clip, optimizer step, curve point, checkpoint), the pretraining loop in
+_pretrain_loop(); main() -> run_all() -> run_method() -> finetune() is the whole call path.
+What every script shares (provenance, runtime, seed mix, JSON writing, flag checks) is in
+mlora_scripts.py.
+
 Python interface (for notebooks):
     main(argv: list[str]) -> dict           the results dict, also written to results.json
     load_corpora(args) -> Corpora           texts, tokenizer and train/val/test id tensors
@@ -84,18 +90,32 @@ import hashlib
 import json
 import math
 import os
-import platform
-import shlex
 import shutil
-import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
 import mlora
+import mlora_scripts
+from mlora_scripts import (
+    BadFlag,
+    Runtime,
+    auto_positive_float,
+    auto_positive_int,
+    check_out_dir,
+    comma_list,
+    comma_numbers,
+    nonneg_float,
+    nonneg_int,
+    number,
+    positive_float,
+    positive_int,
+    seed_mix,
+    write_json,
+)
 
 # -----------------------------------------------------------------------------
 # settings
@@ -139,63 +159,6 @@ DEFAULT_LR = "3e-3,lora=1e-3,lora-per-rank=1e-3,matryoshka-mean=3e-4"
 WARMUP_STEPS = 10   # fine-tuning warmup; the rate is constant afterwards (see --steps_curve)
 BASE_SEED = 0       # the base model is shared by all seeds: seeds vary the fine-tuning only
 EVAL_BATCH = 32     # windows per evaluation (and calibration) forward
-
-
-# -----------------------------------------------------------------------------
-# command line: argparse types (each names the bad value)
-
-
-class BadFlag(ValueError):
-    """A flag value that cannot run; parse_args turns it into a one-line argparse error."""
-
-
-def _number(text: str, flag: str, integer: bool, minimum: float, strict: bool):
-    """text as an int/float >= minimum (> minimum when strict, finite), else BadFlag naming it."""
-    prefix = f"{flag} " if flag else ""
-    try:
-        value = int(text) if integer else float(text)
-    except (TypeError, ValueError):
-        raise BadFlag(f"{prefix}must be {'an integer' if integer else 'a number'}, got {text!r}") from None
-    if not math.isfinite(value) or value < minimum or (strict and value == minimum):
-        bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
-        kind = "an integer" if integer else "a finite number"
-        raise BadFlag(f"{prefix}must be {kind} {bound}, got {text!r}")
-    return value
-
-
-def _arg_type(integer: bool, minimum: float, strict: bool, auto: bool = False):
-    """An argparse type: a number with a lower bound (and 'auto' when allowed)."""
-    def convert(text):
-        if auto and text == "auto":
-            return text
-        try:
-            return _number(text, "", integer, minimum, strict)
-        except BadFlag as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-    convert.__name__ = "integer" if integer else "number"
-    return convert
-
-
-positive_int, nonneg_int = _arg_type(True, 0, True), _arg_type(True, 0, False)
-positive_float, nonneg_float = _arg_type(False, 0, True), _arg_type(False, 0, False)
-auto_positive_int, auto_positive_float = _arg_type(True, 0, True, auto=True), _arg_type(False, 0, True, auto=True)
-
-
-def _csv(text: str, flag: str) -> List[str]:
-    """'a,b,c' -> ['a', 'b', 'c']; an empty list or entry is an error."""
-    parts = [t.strip() for t in text.split(",")]
-    if not text.strip() or not all(parts):
-        raise BadFlag(f"{flag} {text!r} has an empty entry; give a comma list without blanks")
-    return parts
-
-
-def _csv_numbers(text: str, flag: str, integer: bool, minimum: float, strict: bool) -> list:
-    """A comma list of numbers, each checked, without duplicates."""
-    values = [_number(v, flag, integer, minimum, strict) for v in _csv(text, flag)]
-    repeated = [v for i, v in enumerate(values) if v in values[:i]]
-    if repeated:
-        raise BadFlag(f"{flag} {text!r} lists {repeated[0]:g} twice")
-    return values
 
 
 # -----------------------------------------------------------------------------
@@ -340,7 +303,7 @@ def _resolve_profile(args):
 
 
 def _check_methods(args):
-    names = list(ALL_METHODS) if args.methods.strip() == "all" else _csv(args.methods, "--methods")
+    names = list(ALL_METHODS) if args.methods.strip() == "all" else comma_list(args.methods, "--methods")
     unknown = [m for m in names if m not in ALL_METHODS]
     if unknown:
         raise BadFlag(f"unknown method {unknown[0]!r} in --methods; expected a comma list of "
@@ -363,7 +326,7 @@ def _check_ranks(args):
         if text == "auto":
             ranks = mlora.default_train_ranks(args.rank)
         else:
-            ranks = _csv_numbers(text, "--" + key, integer=True, minimum=1, strict=False)
+            ranks = comma_numbers(text, "--" + key, integer=True, minimum=1, strict=False)
         bad = [k for k in ranks if k > args.rank]
         if bad:
             raise BadFlag(f"--{key} has rank {bad[0]}, outside 1..--rank={args.rank}")
@@ -372,10 +335,10 @@ def _check_ranks(args):
 
 def _check_lists(args):
     """Seeds, the lr grid (checked with or without --sweep) and the steps curve."""
-    args.seeds = _csv_numbers(args.seed, "--seed", integer=True, minimum=0, strict=False)
-    args.lr_grid = _csv_numbers(args.lr_grid, "--lr_grid", integer=False, minimum=0, strict=True)
+    args.seeds = comma_numbers(args.seed, "--seed", integer=True, minimum=0, strict=False)
+    args.lr_grid = comma_numbers(args.lr_grid, "--lr_grid", integer=False, minimum=0, strict=True)
     curve = args.steps_curve
-    args.steps_curve = [] if curve is None else sorted(_csv_numbers(curve, "--steps_curve", True, 1, False))
+    args.steps_curve = [] if curve is None else sorted(comma_numbers(curve, "--steps_curve", True, 1, False))
     if any(s > args.steps for s in args.steps_curve):
         raise BadFlag(f"--steps_curve {curve!r} has a step above --steps={args.steps}")
 
@@ -383,9 +346,9 @@ def _check_lists(args):
 def _parse_lr(text: str):
     """'3e-3' or 'lora=1e-3,matryoshka=3e-3[,3e-3]' -> ({method: lr}, methods given explicitly)."""
     default, given = None, {}
-    for part in _csv(text, "--lr"):
+    for part in comma_list(text, "--lr"):
         name, eq, value = part.rpartition("=")
-        lr = _number(value, f"--lr {part!r}:", integer=False, minimum=0, strict=True)
+        lr = number(value, f"--lr {part!r}:", integer=False, minimum=0, strict=True)
         if not eq:
             if default is not None:
                 raise BadFlag(f"--lr {text!r} has two values for every method ({default:g} and {lr:g})")
@@ -400,19 +363,6 @@ def _parse_lr(text: str):
     lrs = {m: given.get(m, default) for m in ALL_METHODS}
     lrs["lora-svd"] = given.get("lora-svd", lrs["lora"])   # by default the same lora run, SVD-ordered
     return lrs, set(given)
-
-
-def check_out_dir(path: str):
-    """The output folder is a directory, or can be made as one, and can be written."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise BadFlag(f"--out_dir {path!r} is a file, not a directory")
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):   # the nearest ancestor that exists must take a new folder
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise BadFlag(f"--out_dir {path!r} cannot be made: {existing!r} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise BadFlag(f"--out_dir {path!r} is not writable ({existing!r} does not allow writing)")
 
 
 def _check_texts(args):
@@ -437,11 +387,11 @@ def _check_texts(args):
 class Corpora:
     pretrain_name: str          # where the pretraining text came from
     pretrain_text: str
-    finetune_files: List[str]   # the stdlib files in order, or the --finetune_data file
+    finetune_files: list[str]   # the stdlib files in order, or the --finetune_data file
     finetune_text: str
     tokenizer: mlora.CharTokenizer
-    pretrain: Dict[str, torch.Tensor]   # 'train', 'val' id tensors (int64)
-    finetune: Dict[str, torch.Tensor]   # 'train', 'val', 'test'
+    pretrain: dict[str, torch.Tensor]   # 'train', 'val' id tensors (int64)
+    finetune: dict[str, torch.Tensor]   # 'train', 'val', 'test'
 
 
 def pydoc_text() -> str:
@@ -495,7 +445,7 @@ def read_text_file(path: str, flag: str) -> str:
     return text
 
 
-def split_sizes(n: int, fractions) -> List[int]:
+def split_sizes(n: int, fractions) -> list[int]:
     """Lengths of the contiguous pieces split_ids cuts from n items."""
     cuts = [0] + [int(n * sum(fractions[:i + 1])) for i in range(len(fractions) - 1)] + [n]
     return [b - a for a, b in zip(cuts, cuts[1:])]
@@ -527,7 +477,7 @@ def shakespeare_text(cache_dir: str) -> str:
         return f.read()
 
 
-def split_ids(ids: torch.Tensor, fractions) -> List[torch.Tensor]:
+def split_ids(ids: torch.Tensor, fractions) -> list[torch.Tensor]:
     """Contiguous pieces of ids in the given proportions (the last takes the rest)."""
     cuts = [int(len(ids) * sum(fractions[:i + 1])) for i in range(len(fractions) - 1)]
     return list(torch.tensor_split(ids, cuts))
@@ -555,17 +505,9 @@ def load_corpora(args) -> Corpora:
     return Corpora(pre_name, pre_text, files, ft_text, tok, pre, ft)
 
 
-def _mix(*numbers) -> int:
-    """One 63-bit seed from several integers (seed, step, process), order-sensitive."""
-    h = 0
-    for n in numbers:
-        h = (h * 0x9E3779B97F4A7C15 + int(n) + 1) % (2 ** 63)
-    return h
-
-
 def get_batch(data: torch.Tensor, batch: int, block: int, seed: int, step: int, proc: int, device):
     """Random windows keyed by (seed, step, process): the same for every method, and resumable."""
-    g = torch.Generator().manual_seed(_mix(seed, step, proc))
+    g = torch.Generator().manual_seed(seed_mix(seed, step, proc))
     starts = torch.randint(len(data) - block - 1, (batch,), generator=g)   # (B,)
     offsets = torch.arange(block)                                          # (T,)
     x = data[starts[:, None] + offsets]                                    # (B, T)
@@ -585,50 +527,10 @@ def eval_windows(data: torch.Tensor, n_blocks: int, block: int):
 # devices, processes, files
 
 
-@dataclasses.dataclass
-class Runtime:
-    device: torch.device
-    rank: int = 0          # this process
-    world: int = 1         # processes
-    autocast: bool = False  # bf16 autocast of forwards (any device that supports it)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def amp(self):
-        if self.autocast:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def barrier(self):
-        if self.world > 1:
-            torch.distributed.barrier()
-
-
 def setup_runtime(args) -> Runtime:
-    """Processes (torchrun sets WORLD_SIZE and RANK), the device, threads and autocast."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    device = torch.device(args.device)
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        device = _cuda_setup(world)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    return Runtime(device, rank, world, autocast=args.autocast == "bf16")
-
-
-def _cuda_setup(world: int) -> torch.device:
-    """The only lines that need a GPU: this process's device, and TF32 matmuls."""
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    if world == 1:
-        return torch.device("cuda")
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    torch.cuda.set_device(local)
-    return torch.device("cuda", local)
+    """Processes (torchrun sets WORLD_SIZE and RANK), the device, TF32, threads and autocast."""
+    autocast = torch.bfloat16 if args.autocast == "bf16" else None
+    return mlora_scripts.setup_runtime(args.device, args.threads, autocast)
 
 
 def _atomic_save(obj, path: str):
@@ -651,7 +553,7 @@ class Progress:
     (a log file, CI), so a long run shows it is alive. Only the main process reports."""
 
     def __init__(self, total: int, desc: str, rt: Runtime, start: int = 0):
-        from tqdm import tqdm   # only the bar needs it
+        from tqdm import tqdm  # only the bar needs it
         self.total, self.desc, self.every = total, desc, max(1, total // 5)
         self.lines = rt.main and not sys.stdout.isatty()
         self.bar = tqdm(total=total, initial=start, desc=desc, leave=False, dynamic_ncols=True,
@@ -683,7 +585,7 @@ def _maybe_compile(model: nn.Module, args, static: bool):
 # FLOPs (analytic)
 
 
-def flops_per_token(model: nn.Module, block: int, width: int = 0) -> Dict[str, int]:
+def flops_per_token(model: nn.Module, block: int, width: int = 0) -> dict[str, int]:
     """Forward matmul FLOPs per token: 'base' linears (incl. lm_head), 'attn', 'adapter' at width."""
     cfg = model.config
     layers = mlora.adapter_layers(model)
@@ -891,7 +793,7 @@ def _eval_plain(model, data, n_blocks, block, rt):
     return out
 
 
-def evaluate_at_ranks(model: nn.Module, windows, ranks, rt: Runtime) -> Dict[str, list]:
+def evaluate_at_ranks(model: nn.Module, windows, ranks, rt: Runtime) -> dict[str, list]:
     """Accuracy and loss at each rank (adapters set to rank k, then restored)."""
     was = model.training
     model.eval()
@@ -934,8 +836,8 @@ class Job:
     seed: int
     lr: float
     rank: int
-    eval_ranks: List[int]
-    train_ranks: List[int]
+    eval_ranks: list[int]
+    train_ranks: list[int]
     tag: str
     files: str            # path prefix of its checkpoint files
 
@@ -997,34 +899,83 @@ def _read_done(ctx: Context, key: str, done_path: str, adapter: str) -> Optional
 
 
 def finetune(ctx: Context, job: Job) -> dict:
-    """Train one adapter and evaluate it on val and test at job.eval_ranks.
+    """Train one adapter, then evaluate it on val and test at job.eval_ranks.
 
-    With --resume, a finished job is read back and an unfinished one continues
-    from its last checkpoint. Randomness (data windows, schedule draws) is keyed
-    by (seed, step), so the checkpointed step counter restores the stream.
+    The whole training loop is here: learning rate, data batch, forward and
+    backward, gradient clip, optimizer step, then a curve point and a resume
+    checkpoint when due. With --resume, a finished job is read back and an
+    unfinished one continues from its last checkpoint. Randomness (data windows,
+    schedule draws) is keyed by (seed, step), so the checkpointed step counter
+    restores the stream.
     """
-    os.makedirs(os.path.dirname(job.state_path), exist_ok=True)
     done = _read_done(ctx, job.key, job.done_path, job.adapter_path)
     if done is not None:
         return done
+    args, rt = ctx.args, ctx.rt
+    model, opt, state = _start(ctx, job)        # base + fresh adapters, AdamW, step 0 (or the checkpoint's)
+    train = _forward_module(model, args, rt, static=job.method in STATIC_METHODS)   # compiled and/or DDP
+    schedule, params = mlora.get_schedule(model), opt.param_groups[0]["params"]
+    data, block = ctx.corpora.finetune["train"], model.config.block_size
+    test_windows = eval_windows(ctx.corpora.finetune["test"], args.eval_blocks, block)   # for --steps_curve
+    # A step is one forward and backward at the schedule's p; nested makes one per train rank,
+    # each loss divided by |S| so that the gradients add up to the mean over S.
+    passes = job.train_ranks if job.method == "nested" else [None]
+    progress = Progress(args.steps, job.tag, rt, start=state.step)
+    model.train()
+    for step in range(state.step, args.steps):
+        t0 = time.time()
+        for g in opt.param_groups:   # linear warmup, then a constant rate
+            g["lr"] = job.lr * min(1.0, (step + 1) / WARMUP_STEPS)
+        x, y = get_batch(data, args.batch_size, block, job.seed, step, rt.rank, rt.device)   # (B, T) each
+        loss_value, flops = 0.0, 0
+        for i, k in enumerate(passes):
+            if k is not None:
+                mlora.set_rank(model, k)
+            last = i == len(passes) - 1   # DDP: reduce the gradients once, after the last backward
+            with (train.no_sync() if rt.world > 1 and not last else contextlib.nullcontext()):
+                with rt.amp():
+                    _, loss = train(x, y)
+                (loss / len(passes)).backward()
+            loss_value += loss.item() / len(passes)
+            width = k if k is not None else _width(schedule, len(x), model)   # the width computed (DyLoRA: b)
+            flops += finetune_step_flops(model, x.numel() * rt.world, block, width)
+        if job.method == "nested":
+            mlora.set_rank(model, None)
+        else:
+            state.draws.append(width)
+        if args.grad_clip > 0:
+            nn.utils.clip_grad_norm_(params, args.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        state.seconds += time.time() - t0
+        state.step, state.flops = step + 1, state.flops + flops
+        state.losses.append(loss_value)
+        progress.update(state.step, loss_value)
+        if rt.main and state.step < args.steps and state.step in args.steps_curve:
+            res = evaluate_at_ranks(model, test_windows, job.eval_ranks, rt)
+            state.curve.append(dict(step=state.step, acc=res["acc"], loss=res["loss"], train_flops=state.flops))
+        if rt.main and state.step < args.steps and state.step % args.ckpt_every == 0:
+            _save_checkpoint(job, model, opt, state)
+    progress.close()
+    result = _finish(ctx, job, model, state)
+    ctx.finished.add(job.key)
+    rt.barrier()
+    return result
+
+
+def _start(ctx: Context, job: Job):
+    """(model, optimizer, state): the base with job's adapters (initialised from job.seed: the
+    same A for every method at a seed), their AdamW, and a fresh TrainState, or with --resume
+    the one in job's checkpoint (its tensors loaded into model and optimizer)."""
+    os.makedirs(os.path.dirname(job.state_path), exist_ok=True)
     model, _ = load_base(ctx.base_path, ctx.rt.device)
-    torch.manual_seed(job.seed)   # adapter init: the same A for every method at a seed
+    torch.manual_seed(job.seed)
     mlora.inject(model, list(TARGETS), job.rank, train_ranks=job.train_ranks, scaling=ctx.args.scaling,
                  alpha=ctx.args.alpha, seed=job.seed, **_inject_options(job.method, ctx.args))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=job.lr, betas=(0.9, 0.999), weight_decay=0.0)
-    state = _restore(ctx, job, model, opt)
-    _train(ctx, job, model, opt, state)
-    result = _finish(ctx, job, model, state)
-    ctx.finished.add(job.key)
-    ctx.rt.barrier()
-    return result
-
-
-def _restore(ctx: Context, job: Job, model: nn.Module, opt) -> TrainState:
-    """A fresh state, or with --resume the one in job's checkpoint (tensors loaded into model, opt)."""
     if not (ctx.args.resume and os.path.isfile(job.state_path)):
-        return TrainState()
+        return model, opt, TrainState()
     saved = torch.load(job.state_path, map_location="cpu", weights_only=False)
     mlora.load_adapter_state_dict(model, saved["adapter"])
     opt.load_state_dict(saved["optimizer"])
@@ -1032,78 +983,23 @@ def _restore(ctx: Context, job: Job, model: nn.Module, opt) -> TrainState:
     torch.set_rng_state(saved["torch_rng"])
     if ctx.rt.main:
         print(f"  resuming {job.tag} at step {saved['step']}")
-    return TrainState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainState)})
+    return model, opt, TrainState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainState)})
 
 
-def _train(ctx: Context, job: Job, model: nn.Module, opt, state: TrainState):
-    """Steps state.step .. --steps: warmup then a constant rate, curve points, checkpoints."""
-    args, rt = ctx.args, ctx.rt
-    static = job.method in STATIC_METHODS
+def _forward_module(model: nn.Module, args, rt: Runtime, static: bool) -> nn.Module:
+    """What the training forwards run through: model itself, compiled (static schedules with
+    --compile on), and wrapped in DDP under torchrun. Its parameters are model's."""
     if static and args.compile == "on":   # fill p's cache first: its trimming (nonzero) would split the graph
         _width(mlora.get_schedule(model), args.batch_size, model)
     train = _maybe_compile(model, args, static)
-    if rt.world > 1:
-        train = nn.parallel.DistributedDataParallel(train)
-    step_fn = _nested_step if job.method == "nested" else _schedule_step
-    block, params = model.config.block_size, opt.param_groups[0]["params"]
-    test_windows = eval_windows(ctx.corpora.finetune["test"], args.eval_blocks, block)
-    progress = Progress(args.steps, job.tag, rt, start=state.step)
-    model.train()
-    for step in range(state.step, args.steps):
-        t0 = time.time()
-        for g in opt.param_groups:
-            g["lr"] = job.lr * min(1.0, (step + 1) / WARMUP_STEPS)   # warmup, then constant
-        x, y = get_batch(ctx.corpora.finetune["train"], args.batch_size, block, job.seed, step, rt.rank, rt.device)
-        loss, flops = step_fn(job, model, train, x, y, state, rt)
-        if args.grad_clip > 0:
-            nn.utils.clip_grad_norm_(params, args.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        state.seconds += time.time() - t0
-        state.step, state.flops = step + 1, state.flops + flops
-        state.losses.append(loss)
-        progress.update(state.step, loss)
-        if rt.main and state.step < args.steps:
-            _curve_and_checkpoint(ctx, job, model, opt, state, test_windows)
-    progress.close()
+    return nn.parallel.DistributedDataParallel(train) if rt.world > 1 else train
 
 
-def _schedule_step(job: Job, model: nn.Module, train: nn.Module, x, y, state: TrainState, rt: Runtime):
-    """One forward+backward with p from the schedule -> (loss, FLOPs at the width computed)."""
-    with rt.amp():
-        _, loss = train(x, y)
-    loss.backward()
-    width = _width(mlora.get_schedule(model), x.shape[0], model)
-    state.draws.append(width)
-    return loss.item(), finetune_step_flops(model, x.numel() * rt.world, x.shape[1], width)
-
-
-def _nested_step(job: Job, model: nn.Module, train: nn.Module, x, y, state: TrainState, rt: Runtime):
-    """The exact objective: mean over S of the loss at each rank, one forward+backward each."""
-    n, total, flops = len(job.train_ranks), 0.0, 0
-    for i, k in enumerate(job.train_ranks):
-        mlora.set_rank(model, k)
-        # DDP: reduce the gradients once, after the last rank's backward
-        accumulate = rt.world > 1 and i < n - 1
-        with (train.no_sync() if accumulate else contextlib.nullcontext()):
-            with rt.amp():
-                _, loss = train(x, y)
-            (loss / n).backward()
-        total += loss.item() / n
-        flops += finetune_step_flops(model, x.numel() * rt.world, x.shape[1], k)
-    mlora.set_rank(model, None)
-    return total, flops
-
-
-def _curve_and_checkpoint(ctx: Context, job: Job, model: nn.Module, opt, state: TrainState, test_windows):
-    """A test evaluation at a --steps_curve step; a resume checkpoint every --ckpt_every steps."""
-    if state.step in ctx.args.steps_curve:
-        res = evaluate_at_ranks(model, test_windows, job.eval_ranks, ctx.rt)
-        state.curve.append(dict(step=state.step, acc=res["acc"], loss=res["loss"], train_flops=state.flops))
-    if state.step % ctx.args.ckpt_every == 0:
-        _atomic_save(dict(adapter=mlora.adapter_state_dict(model), optimizer=opt.state_dict(),
-                          schedule=mlora.get_schedule(model).state_dict(), torch_rng=torch.get_rng_state(),
-                          **dataclasses.asdict(state)), job.state_path)
+def _save_checkpoint(job: Job, model: nn.Module, opt, state: TrainState):
+    """Everything a resumed run needs: adapter, AdamW state, schedule, torch RNG and the counters."""
+    _atomic_save(dict(adapter=mlora.adapter_state_dict(model), optimizer=opt.state_dict(),
+                      schedule=mlora.get_schedule(model).state_dict(), torch_rng=torch.get_rng_state(),
+                      **dataclasses.asdict(state)), job.state_path)
 
 
 def _finish(ctx: Context, job: Job, model: nn.Module, state: TrainState) -> dict:
@@ -1112,28 +1008,19 @@ def _finish(ctx: Context, job: Job, model: nn.Module, state: TrainState) -> dict
     result = dict(method=job.method, seed=job.seed, lr=job.lr, rank=job.rank, steps=args.steps,
                   train_seconds=state.seconds, train_flops=state.flops,
                   final_train_loss=state.losses[-1] if state.losses else None)
-    if rt.world > 1:
-        result["draws_match_across_processes"] = _draws_match(job, model, state, rt)
+    if rt.world > 1:   # the DyLoRA / stratified draws must be the same on every process
+        result["draws_match_across_processes"] = mlora_scripts.check_same_draws(
+            rt, mlora.get_schedule(model).step, state.draws, job.tag)
     if rt.main:
         splits = evaluate_splits(ctx, model, job.eval_ranks)
         state.curve.append(dict(step=args.steps, acc=splits["acc"], loss=splits["loss"], train_flops=state.flops))
         result.update(splits, curve=state.curve if args.steps_curve else [],
                       loss_history=[round(v, 4) for v in state.losses[:: max(1, len(state.losses) // 100)]])
         mlora.save_adapter(model, job.adapter_path)
-        _atomic_write_text(job.done_path, json.dumps(result))
+        write_json(job.done_path, result, indent=None)
         if os.path.isfile(job.state_path):
             os.remove(job.state_path)
     return result
-
-
-def _draws_match(job: Job, model: nn.Module, state: TrainState, rt: Runtime) -> bool:
-    """The DyLoRA / stratified draws must be identical on every process."""
-    mine = _hash(dict(step=mlora.get_schedule(model).step, draws=state.draws))
-    gathered = [None] * rt.world
-    torch.distributed.all_gather_object(gathered, mine)
-    if len(set(gathered)) != 1:
-        raise RuntimeError(f"{job.tag}: processes drew different ranks ({gathered})")
-    return True
 
 
 # -----------------------------------------------------------------------------
@@ -1170,7 +1057,7 @@ def svd_ordered(ctx: Context, job: Job, name: str) -> dict:
                   posthoc_flops=svd_flops(model, calib[0].numel(), model.config.block_size))
     result.update(evaluate_splits(ctx, model, job.eval_ranks))
     mlora.save_adapter(model, job.svd_adapter_path)
-    _atomic_write_text(job.svd_done_path, json.dumps(result))
+    write_json(job.svd_done_path, result, indent=None)
     ctx.finished.add(job.key + "+svd")
     return result
 
@@ -1179,27 +1066,30 @@ def svd_ordered(ctx: Context, job: Job, name: str) -> dict:
 # methods, sweeps, seeds
 
 
-def method_jobs(ctx: Context, method: str, seed: int, lr) -> List[Job]:
-    """The training runs behind one method at one seed (lr: a float, or {rank: lr} for lora-per-rank)."""
-    args = ctx.args
+def method_jobs(ctx: Context, row: str, seed: int, lr) -> list[Job]:
+    """The training runs behind one row (a method, or '<method>+svd') at one seed (lr: a float, or
+    {rank: lr} for lora-per-rank)."""
+    args, method = ctx.args, row[:-len("+svd")] if row.endswith("+svd") else row
     if method == "lora-per-rank":   # one LoRA per eval rank, each its own job
         return [make_job(ctx, method, seed, lr[k] if isinstance(lr, dict) else lr, k, [k]) for k in args.eval_ranks]
     trained = "lora" if method == "lora-svd" else method
     return [make_job(ctx, trained, seed, lr, args.rank, args.eval_ranks)]
 
 
-def run_method(ctx: Context, method: str, seed: int, lr) -> dict:
-    """One method at one seed: a dict with per-rank acc/loss on val and test, seconds, FLOPs."""
-    jobs = method_jobs(ctx, method, seed, lr)
-    if method == "lora-svd":
-        return svd_ordered(ctx, jobs[0], method)
-    if method != "lora-per-rank":
+def run_method(ctx: Context, row: str, seed: int, lr) -> dict:
+    """One row at one seed: a method, or '<method>+svd' (that method's run, SVD-ordered after
+    training). A dict with per-rank acc/loss on val and test, seconds, FLOPs ({} off the main process
+    for lora-per-rank and SVD-ordered rows)."""
+    jobs = method_jobs(ctx, row, seed, lr)
+    if row == "lora-svd" or row.endswith("+svd"):
+        return svd_ordered(ctx, jobs[0], row)
+    if row != "lora-per-rank":
         return finetune(ctx, jobs[0])
     parts = [finetune(ctx, job) for job in jobs]
     return _join_per_rank(ctx, parts, seed) if ctx.rt.main else {}
 
 
-def _join_per_rank(ctx: Context, parts: List[dict], seed: int) -> dict:
+def _join_per_rank(ctx: Context, parts: list[dict], seed: int) -> dict:
     """lora-per-rank's runs, one per rank, as one method's result."""
     args = ctx.args
     joined = dict(method="lora-per-rank", seed=seed, lr=[p["lr"] for p in parts], rank=args.eval_ranks,
@@ -1257,32 +1147,27 @@ def _choose_lr(ctx: Context, method: str, seed: int):
 def run_all(ctx: Context):
     """Every method (and '+svd' row) at every seed -> ({row: {seed: result}}, lrs, sweep tables)."""
     args = ctx.args
-    lrs: Dict[str, object] = dict(args.lrs)
+    lrs: dict[str, object] = dict(args.lrs)
     sweep_tables, per_row = {}, {}
     for si, seed in enumerate(args.seeds):
         for method in args.methods:
             if args.sweep and si == 0 and method not in args.pinned:
                 lrs[method], sweep_tables[method] = _choose_lr(ctx, method, seed)
-            _run_and_record(ctx, method, seed, lrs[method], per_row)
-            if method in args.svd_methods:
-                _run_and_record(ctx, method + "+svd", seed, lrs[method], per_row)
+            for row in [method] + ([method + "+svd"] if method in args.svd_methods else []):
+                result = run_method(ctx, row, seed, lrs[method])
+                if ctx.rt.main:
+                    per_row.setdefault(row, {})[seed] = result
+                    _publish(ctx, row, seed, lrs[method], result)
     return per_row, lrs, sweep_tables
 
 
-def _run_and_record(ctx: Context, row: str, seed: int, lr, per_row: dict):
-    """Run one row (a method or '<method>+svd'), publish its adapter(s), print its accuracies."""
-    svd = row.endswith("+svd")
-    method = row[:-len("+svd")] if svd else row
-    jobs = method_jobs(ctx, method, seed, lr)
-    result = svd_ordered(ctx, jobs[0], row) if svd else run_method(ctx, method, seed, lr)
-    if not ctx.rt.main:
-        return
-    from_svd = svd or method == "lora-svd"
-    ranks = ctx.args.eval_ranks if method == "lora-per-rank" else [None]
-    for job, k in zip(jobs, ranks):   # copied to the documented names in out_dir
+def _publish(ctx: Context, row: str, seed: int, lr, result: dict):
+    """Copy a row's adapter(s) to the documented names in out_dir and print its accuracies."""
+    from_svd = row.endswith("+svd") or row == "lora-svd"
+    ranks = ctx.args.eval_ranks if row == "lora-per-rank" else [None]
+    for job, k in zip(method_jobs(ctx, row, seed, lr), ranks):
         src = job.svd_adapter_path if from_svd else job.adapter_path
-        mlora.atomic_write(adapter_path(ctx.args.out_dir, row, seed, k), lambda tmp: shutil.copyfile(src, tmp))
-    per_row.setdefault(row, {})[seed] = result
+        mlora.atomic_write(adapter_path(ctx.args.out_dir, row, seed, k), lambda tmp, src=src: shutil.copyfile(src, tmp))
     extra = f", post-hoc {result['posthoc_seconds']:.1f}s" if "posthoc_seconds" in result else ""
     print(f"  {row:<14} seed {seed}: acc " + " ".join(f"{a:.4f}" for a in result["acc"])
           + f"  ({result['train_seconds']:.0f}s{extra})")
@@ -1301,7 +1186,7 @@ def _std(xs):   # sample standard deviation over seeds
     return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
 
 
-def _summarise(per_seed: Dict[int, dict], ranks) -> dict:
+def _summarise(per_seed: dict[int, dict], ranks) -> dict:
     """Means (and standard deviations over seeds) of one method's results."""
     runs = list(per_seed.values())
     for r in runs:
@@ -1330,7 +1215,7 @@ def _summarise(per_seed: Dict[int, dict], ranks) -> dict:
     return out
 
 
-def _summarise_curve(runs: List[dict]) -> dict:
+def _summarise_curve(runs: list[dict]) -> dict:
     steps = [c["step"] for c in runs[0]["curve"]]
     at = range(len(steps))
     return dict(steps=steps,
@@ -1372,7 +1257,7 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict, out_dir: str) -> List[str]:
+def plot(results: dict, out_dir: str) -> list[str]:
     """rank_accuracy.png (and aurac_vs_steps.png when a steps curve was recorded)."""
     import matplotlib
     matplotlib.use("Agg")   # files only, no display needed
@@ -1425,7 +1310,7 @@ def _plot_curves(curves: dict, out_dir: str, plt) -> str:
 # main
 
 
-def main(argv: Optional[List[str]] = None) -> dict:
+def main(argv: Optional[list[str]] = None) -> dict:
     """Run the pipeline; returns the results dict (also written to out_dir/results.json).
 
     Under torchrun, processes other than rank 0 return {}."""
@@ -1448,7 +1333,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     results = dict(ranks=args.eval_ranks, seeds=args.seeds,
                    methods={row: _summarise(per_seed, args.eval_ranks) for row, per_seed in per_row.items()},
                    base=base_eval, config=_config(ctx, lrs), sweep=sweep_tables or None,
-                   wall_seconds=time.time() - t_start, provenance=provenance(argv))
+                   wall_seconds=time.time() - t_start,
+                   provenance=mlora_scripts.provenance("train_toy.py", argv))
     _report(results, args)
     rt.barrier()
     return results
@@ -1464,25 +1350,6 @@ def _evaluate_base(ctx: Context) -> Optional[dict]:
     ranks = ctx.args.eval_ranks
     return dict(acc=acc, loss=loss, aurac_log2=mlora.aurac(ranks, [acc] * len(ranks), "log2"),
                 aurac_linear=mlora.aurac(ranks, [acc] * len(ranks), "linear"))
-
-
-def provenance(argv: Optional[List[str]]) -> dict:
-    """What a reader needs to rerun this: the command, the code's commit, the machine, the date."""
-    def git(*cmd):
-        try:
-            out = subprocess.run(["git", *cmd], cwd=os.path.dirname(os.path.abspath(__file__)),
-                                 capture_output=True, text=True, timeout=10)
-            return out.stdout.strip() if out.returncode == 0 else None
-        except (OSError, subprocess.SubprocessError):
-            return None
-    argv = sys.argv[1:] if argv is None else argv
-    cpu = platform.processor() or platform.machine()
-    if os.path.isfile("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    return dict(command=" ".join(["python train_toy.py", *map(shlex.quote, argv)]), commit=git("rev-parse", "HEAD"),
-                dirty=bool(git("status", "--porcelain", "--untracked-files=no")), cpu=cpu, cores=os.cpu_count(),
-                python=platform.python_version(), date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
 
 def _config(ctx: Context, lrs: dict) -> dict:
@@ -1504,7 +1371,7 @@ def _config(ctx: Context, lrs: dict) -> dict:
 def _report(results: dict, args):
     """results.json, the table and the plots."""
     path = os.path.join(args.out_dir, "results.json")
-    _atomic_write_text(path, json.dumps(results, indent=1))
+    write_json(path, results)
     print()
     print(format_table(results))
     if not args.no_plot:

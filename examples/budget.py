@@ -18,11 +18,7 @@ of docs/evidence.md from assets/budget.json.
 """
 
 import argparse
-import datetime
-import json
 import os
-import platform
-import subprocess
 import sys
 import time
 
@@ -30,37 +26,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository root
-import mlora       # noqa: E402
-import train_toy   # noqa: E402
+import mlora  # noqa: E402
+import train_toy  # noqa: E402
+from mlora_scripts import BadFlag, check_out_file, positive_int, provenance, write_json  # noqa: E402
 
 # train_toy's tiny profile, trained longer so that the higher ranks matter
 TOY_ARGS = ["--quick", "--pretrain_steps", "600", "--steps", "300", "--batch_size", "16",
             "--ft_chars", "300000", "--eval_blocks", "128", "--no_plot"]
 UNIFORM_RANKS = [1, 2, 4, 8, 16]
-
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def provenance(argv, threads: int) -> dict:
-    """What a reader needs to rerun this exactly: command, commit, software, machine, date."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip() != ""
-    except (OSError, subprocess.CalledProcessError):   # not a git checkout: say so rather than guess
-        commit, dirty = None, None
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:   # Linux: the marketing name is more telling than 'x86_64'
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return dict(command=" ".join(["python", "examples/budget.py"] + list(argv)), git_commit=commit,
-                git_dirty=dirty, torch=torch.__version__, python=platform.python_version(), threads=threads,
-                cpu=cpu, cpu_count=os.cpu_count(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(
-                    timespec="seconds"))
 
 
 @torch.no_grad()
@@ -74,20 +47,25 @@ def loss_and_accuracy(model, x, y, batch=64):
     return total / y.numel(), correct / y.numel()
 
 
-def main():
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--out_dir", default=os.path.join("out", "budget"), help="train_toy output dir (cache)")
-    parser.add_argument("--calib_blocks", type=int, default=64, help="calibration windows, from the val split")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--calib_blocks", type=positive_int, default=64, help="calibration windows, from the val split")
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="torch CPU threads (1: this tiny model gains nothing from more on a shared CPU)")
     parser.add_argument("--json", default=None,
                         help="where to write the raw results (default: out_dir/budget.json; the committed "
                              "evidence is written with --json assets/budget.json; '' to skip)")
-    argv = sys.argv[1:]
     args, toy_extra = parser.parse_known_args(argv)
-    torch.set_num_threads(args.threads)
     if args.json is None:   # never the committed assets/ unless asked: a test run must not overwrite them
         args.json = os.path.join(args.out_dir, "budget.json")
+    if args.json:
+        try:
+            check_out_file(args.json, "--json")   # before the training, not after it
+        except BadFlag as e:
+            parser.error(str(e))
+    torch.set_num_threads(args.threads)
     t_start = time.time()
 
     # 1. the trained hierarchy (train_toy caches everything in out_dir; --resume reuses it)
@@ -148,17 +126,13 @@ def main():
         keys = ("k", "budget", "params_mix", "calib_loss_uniform", "calib_loss_mix", "test_loss_uniform",
                 "test_loss_mix", "test_acc_uniform", "test_acc_mix", "calib_loss_calls", "allocate_seconds")
         n_test = test[1].numel()
-        result = dict(provenance(argv, args.threads), toy_args=toy_argv, layers=list(layers),
+        result = dict(provenance=provenance("examples/budget.py", argv, threads=args.threads),
+                      toy_args=toy_argv, layers=list(layers),
                       adapter_rank=mlora.get_schedule(model).rank, calib_chars=calib[1].numel(),
                       test_chars=n_test, seed=0, toy_config=toy_results.get("config"),
                       rows=[dict(zip(keys, row)) for row in rows],
                       plans={str(k): plans[k] for k in UNIFORM_RANKS}, wall_seconds=time.time() - t_start)
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-
-        def write(tmp):
-            with open(tmp, "w") as f:
-                f.write(json.dumps(result, indent=1) + "\n")
-        mlora.atomic_write(args.json, write)
+        write_json(args.json, result)
         print(f"wrote {args.json}")
 
 

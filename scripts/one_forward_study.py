@@ -25,11 +25,9 @@ quoting). Usage:
     python scripts/one_forward_study.py --quick      # a smoke run (seconds)
 """
 import argparse
-import json
+import copy
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 
@@ -39,6 +37,7 @@ import torch.nn as nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import mlora  # noqa: E402
+from mlora_scripts import BadFlag, check_out_file, provenance, write_json  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # the planted problem
@@ -187,7 +186,7 @@ def train(problem, method: str, scaling: str, lr: float, seed: int, cfg) -> nn.M
         idx = torch.randint(n, (cfg.batch,), generator=g)
         x, y = problem["x"][idx], problem["y"][idx]
         if twist == "nested":
-            loss = mlora.nested_loss(model, lambda: (model(x) - y).pow(2).sum(-1).mean(), ranks=S)
+            loss = mlora.nested_loss(model, lambda x=x, y=y: (model(x) - y).pow(2).sum(-1).mean(), ranks=S)
         else:
             loss = (model(x) - y).pow(2).sum(-1).mean()
         opt.zero_grad(set_to_none=True)
@@ -253,7 +252,6 @@ def run(cfg):
                     model = train(problem, method, scaling, lr, seed, cfg)
                     record(f"{method} [{scaling}]", seed, lr, scores(model, problem, ranks))
                     if method in ("lora", "stratified"):   # the post-hoc SVD of the same run, each lr its own pick
-                        import copy
                         for whitened in (False, True):
                             m = reordered(copy.deepcopy(model), problem, whitened)
                             tag = "whitened SVD" if whitened else "SVD"
@@ -272,24 +270,10 @@ def run(cfg):
                             aurac_std=float(auracs.std()) if len(cfg.seeds) > 1 else 0.0,
                             lrs=[per_seed[s]["lr"] for s in cfg.seeds], per_seed=per_seed)
     opt = torch.tensor(opt_curves)
+    opt_aurac = float(torch.tensor([mlora.aurac(ranks, c) for c in opt_curves]).mean())
     summary["Eckart-Young optimum"] = dict(scores=opt.mean(0).tolist(), scores_std=[0.0] * len(ranks),
-                                           aurac=float(torch.tensor([mlora.aurac(ranks, c) for c in opt_curves]).mean()),
-                                           aurac_std=0.0, lrs=None, per_seed=None)
+                                           aurac=opt_aurac, aurac_std=0.0, lrs=None, per_seed=None)
     return ranks, summary
-
-
-def provenance(argv):
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return None
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
-    return dict(command="python scripts/one_forward_study.py " + " ".join(argv), commit=git("rev-parse", "HEAD"),
-                dirty=bool(git("status", "--porcelain", "--untracked-files=no")), torch=torch.__version__,
-                python=platform.python_version(), threads=torch.get_num_threads(), cpu=cpu,
-                date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
 
 
 def main(argv=None):
@@ -298,6 +282,11 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny sizes, one seed, seconds")
     p.add_argument("--out", default=None, help="JSON output (default assets/one_forward_study.json; --quick: out/)")
     cfg = p.parse_args(argv)
+    if cfg.out is not None:
+        try:
+            check_out_file(cfg.out, "--out")   # before the run, not after it
+        except BadFlag as e:
+            p.error(str(e))
     torch.set_num_threads(1)
     if cfg.quick:
         cfg.d, cfg.rank, cfg.steps, cfg.batch, cfg.n_train, cfg.noise = 16, 8, 60, 32, 512, 0.05
@@ -314,11 +303,11 @@ def main(argv=None):
     for row, s in sorted(summary.items(), key=lambda kv: -kv[1]["aurac"]):
         print(f"{row:{width}s}  " + " ".join(f"{v:.4f}" for v in s["scores"]) +
               f"  {s['aurac']:.4f} ± {s['aurac_std']:.4f}")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    payload = dict(provenance=provenance(argv), config=dict(d=cfg.d, rank=cfg.rank, steps=cfg.steps, batch=cfg.batch,
-                   n_train=cfg.n_train, noise=cfg.noise, seeds=cfg.seeds, lrs=cfg.lrs, scalings=cfg.scalings),
-                   ranks=ranks, results=summary, wall_seconds=time.time() - t0)
-    mlora.atomic_write(out, lambda tmp: json.dump(payload, open(tmp, "w"), indent=1))
+    config = dict(d=cfg.d, rank=cfg.rank, steps=cfg.steps, batch=cfg.batch, n_train=cfg.n_train, noise=cfg.noise,
+                  seeds=cfg.seeds, lrs=cfg.lrs, scalings=cfg.scalings)
+    payload = dict(provenance=provenance("scripts/one_forward_study.py", argv), config=config, ranks=ranks,
+                   results=summary, wall_seconds=time.time() - t0)
+    write_json(out, payload)
     print(f"wrote {out} ({time.time() - t0:.0f} s)")
     return payload
 

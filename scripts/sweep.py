@@ -39,14 +39,12 @@ import json
 import math
 import multiprocessing
 import os
-import platform
-import shlex
-import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from mlora_scripts import BadFlag, check_out_file, nonneg_int, positive_int, provenance, write_json  # noqa: E402
 
 GRID_LRS = (1e-3, 3e-3, 1e-2)
 SCALINGS = ("sqrt", "none")
@@ -240,22 +238,6 @@ def missing(runs: dict, steps: int, per_rank_ranks: list):
 # the artifact
 
 
-def provenance(argv) -> dict:
-    def git(*cmd):
-        out = subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True)
-        return out.stdout.strip() if out.returncode == 0 else None
-    import torch
-    cpu = platform.processor() or platform.machine()
-    if os.path.isfile("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    return dict(command=" ".join(["python scripts/sweep.py", *map(shlex.quote, argv)]),
-                commit=git("rev-parse", "HEAD"),
-                dirty=bool(git("status", "--porcelain", "--untracked-files=no")), torch=torch.__version__,
-                python=platform.python_version(), cpu=cpu, cores=os.cpu_count(), threads_per_process=1,
-                date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-
-
 def load_artifact(path: str) -> dict:
     if not os.path.isfile(path):
         return dict(protocol=__doc__.split("Every finished run")[0].strip(), sessions=[], runs={})
@@ -267,27 +249,23 @@ def load_artifact(path: str) -> dict:
 
 
 def save_artifact(path: str, data: dict):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_json(path, data)   # whole or not at all: a kill mid-write leaves the previous artifact
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--jobs", type=int, default=1, help="processes, one torch thread each")
+    p.add_argument("--jobs", type=positive_int, default=1, help="processes, one torch thread each")
     p.add_argument("--artifact", default=os.path.join(ROOT, "assets", "toy_sweep.json"))
     p.add_argument("--out_dir", default=os.path.join(ROOT, "out", "sweep"), help="train_toy checkpoints")
     p.add_argument("--quick", action="store_true", help="train_toy's --quick profile (a smoke run)")
     p.add_argument("--status", action="store_true", help="print what is done and the next phase; train nothing")
-    p.add_argument("--max_runs", type=int, default=0, help="stop after this many new runs (0: no limit)")
+    p.add_argument("--max_runs", type=nonneg_int, default=0, help="stop after this many new runs (0: no limit)")
     args = p.parse_args(argv)
-    if args.jobs < 1:
-        p.error(f"--jobs {args.jobs}: need at least 1")
+    try:
+        check_out_file(args.artifact, "--artifact")
+    except BadFlag as e:
+        p.error(str(e))
     import train_toy
     profile = train_toy.PROFILES["quick" if args.quick else "cpu"]
     steps = profile["steps"]
@@ -297,7 +275,7 @@ def main(argv=None):
         name, todo = missing(data["runs"], steps, per_rank_ranks)
         print(f"{len(data['runs'])} runs done; next phase: {name or 'none (complete)'}, {len(todo)} runs")
         return data
-    data["sessions"].append(provenance(argv))
+    data["sessions"].append(provenance("scripts/sweep.py", argv, threads=1))   # each process: one thread
     # the base model once, before any worker (workers would race to pretrain it)
     execute_base = train_toy.parse_args(train_args(spec("lora", 1e-3, "sqrt", 0, None), args.out_dir, args.quick))
     rt = train_toy.setup_runtime(execute_base)

@@ -22,12 +22,13 @@ import torch
 import torch.nn as nn
 
 import bench
+import mlora_scripts
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 REL = 1e-12
 
-BALANCED = {"lora_ref", "lora_ref_again", "mlora_lora", "matryoshka", "nested_sum", "dylora", "stratified"}
-TRAIN_VARIANTS = BALANCED | {"nested_loss"}
+TRAIN_VARIANTS = {"lora_ref", "lora_ref_again", "mlora_lora", "matryoshka", "nested_sum", "dylora", "stratified",
+                  "nested_loss", "nested_loss_backward"}
 INFERENCE_VARIANTS = {"base", "base_again", "unmerged_k", "unmerged_r", "merged_k", "mixed"}
 TARGETS = {"train_time_matryoshka_vs_lora", "train_peak_memory_matryoshka_vs_lora",
            "train_method_memory_matryoshka_vs_lora", "adapter_gap_at_S6", "adapter_gap_grows_with_S_fixed_r",
@@ -135,9 +136,6 @@ def test_quick_ratios_are_paired_within_each_run_and_combined_over_runs(quick):
             clock, per_run = row["clock"], []
             for run in row["runs"]:
                 own = run[clock]["times_s"]
-                if name in bench.APART:   # timed in its own rounds with lora_ref: its pairs are not in the table
-                    per_run.append(run[clock]["ratio"])
-                    continue
                 refs = result[section]["rows"][ref]["runs"][len(per_run)][clock]["times_s"]
                 paired = statistics.median(t / r for t, r in zip(own, refs))
                 assert run[clock]["ratio"] == pytest.approx(paired, rel=REL), (section, name)
@@ -152,7 +150,7 @@ def test_quick_training_orders_are_balanced(quick):
     assert len(orders) == result["config"]["runs"]
     for run in orders:
         names = set(run[0])
-        assert names == set(result["train"]["rows"]) - set(bench.APART)
+        assert names == set(result["train"]["rows"])   # every variant, nested_loss too, in the same rounds
         positions, pairs = position_and_predecessor_counts(run)
         assert len(set(positions.values())) == 1 and len(set(pairs.values())) == 1
         assert len(pairs) == len(names) * (len(names) - 1)
@@ -196,7 +194,7 @@ def test_reachable_bytes_counts_kept_copies_once():
 
 def test_quick_writes_every_section(quick):
     result, _ = quick
-    assert {"command", "git", "date", "machine", "config", "memory_method", "train", "adapter_only", "inference",
+    assert {"provenance", "code_sha256", "machine", "config", "memory_method", "train", "adapter_only", "inference",
             "merge_memory", "rank_switch", "targets", "noise"} <= set(result)
     rows = result["train"]["rows"]
     assert TRAIN_VARIANTS <= set(rows) and set(rows) - TRAIN_VARIANTS <= {"peft_lora"}
@@ -220,22 +218,86 @@ def test_quick_writes_every_section(quick):
 
 def test_quick_records_command_commit_versions_machine_and_date(quick, tmp_path):
     result, _ = quick
-    assert re.fullmatch(r"python bench\.py --quick --out \S+bench\.json", result["command"])
-    git = result["git"]
+    p = result["provenance"]
+    assert tuple(p) == mlora_scripts.PROVENANCE_KEYS   # the one key set every script writes
+    assert re.fullmatch(r"python bench\.py --quick --out \S+bench\.json", p["command"])
     if (ROOT / ".git").exists():
-        assert re.fullmatch(r"[0-9a-f]{40}", git["commit"]) and isinstance(git["dirty"], bool)
-        kind = subprocess.run(["git", "cat-file", "-t", git["commit"]], cwd=ROOT, capture_output=True, text=True)
+        assert re.fullmatch(r"[0-9a-f]{40}", p["commit"]) and isinstance(p["dirty"], bool)
+        kind = subprocess.run(["git", "cat-file", "-t", p["commit"]], cwd=ROOT, capture_output=True, text=True)
         assert kind.stdout.strip() == "commit"   # a real commit of this repository (HEAD may have moved since)
     else:
-        assert git["commit"].startswith("unknown")
-    assert set(git["sha256"]) == {"bench.py", "mlora.py"} and all(len(h) == 64 for h in git["sha256"].values())
-    m = result["machine"]
-    assert m["torch"] == torch.__version__ and m["threads"] == 1 and m["cpu_count"] >= 1
-    assert m["cpu_model"] and m["cpu_model"] in m["device"]
+        assert p["commit"] is None and p["dirty"] is None
+    assert set(result["code_sha256"]) == {"bench.py", "mlora.py"}
+    assert all(re.fullmatch(r"[0-9a-f]{64}", h) for h in result["code_sha256"].values())
+    assert p["torch"] == torch.__version__ and p["threads"] == 1 and p["cores"] >= 1
+    assert p["cpu"] and p["cpu"] in result["machine"]["device"]
     if pathlib.Path("/proc/cpuinfo").exists():
-        assert m["cpu_model"] in pathlib.Path("/proc/cpuinfo").read_text()
-    date = datetime.datetime.fromisoformat(result["date"])
+        assert p["cpu"] in pathlib.Path("/proc/cpuinfo").read_text()
+    date = datetime.datetime.fromisoformat(p["date"])
+    assert date.utcoffset() == datetime.timedelta(0)   # ISO 8601 in UTC
     assert abs(datetime.datetime.now(datetime.timezone.utc) - date) < datetime.timedelta(hours=1)
+    assert mlora_scripts.read_provenance(result) == p
+
+
+def test_quick_nested_loss_sits_beside_lora_in_time_memory_and_flops(quick):
+    """Both forms of nested_loss are timed in the balanced rounds (their ratios paired like any
+    other), with peak memory and FLOPs recorded next to plain LoRA's from the same measurements."""
+    result, stdout = quick
+    train, S = result["train"], result["train_ranks"]
+    assert len(S) == 4   # --quick: r = 8, S = 1, 2, 4, 8
+    assert list(train["nested_loss_vs_lora"]) == list(bench.NESTED_LOSS)
+    ref = train["memory"]["lora_ref"]
+    for name, nl in train["nested_loss_vs_lora"].items():
+        assert all(name in order for run in train["orders"] for order in run), name
+        row, mem = train["rows"][name], train["memory"][name]
+        assert nl["n_train_ranks"] == len(S)
+        assert (nl["time_ratio"], nl["time_ratio_min"], nl["time_ratio_max"]) == (row["ratio"], row["ratio_min"],
+                                                                                 row["ratio_max"])
+        assert (nl["peak_bytes"], nl["lora_peak_bytes"]) == (mem["peak_bytes"], ref["peak_bytes"])   # integers
+        assert (nl["method_bytes"], nl["lora_method_bytes"]) == (mem["method_bytes"], ref["method_bytes"])
+        assert nl["peak_ratio"] == pytest.approx(mem["peak_bytes"] / ref["peak_bytes"], rel=REL)
+        assert nl["method_bytes_ratio"] == pytest.approx(mem["method_bytes"] / ref["method_bytes"], rel=REL)
+        for m in (mem, ref):   # method bytes: the peak less the frozen base weights every variant shares
+            assert m["method_bytes"] == m["peak_bytes"] - train["base_weight_bytes"] > 0
+        # |S| forwards and backwards, each no costlier than one step at the full rank: FLOPs near |S| x LoRA's
+        # (a deterministic count, unlike the time)
+        assert len(S) - 1 < nl["flops_ratio"] < len(S) + 1, name
+        assert f"{name} (|S| = 4 forwards) vs a LoRA step" in stdout
+    summed, streamed = (train["nested_loss_vs_lora"][n] for n in bench.NESTED_LOSS)
+    # the same work; a backward per rank holds one rank's graph at a time instead of |S|
+    assert streamed["flops_ratio"] == pytest.approx(summed["flops_ratio"], rel=1e-2)
+    assert streamed["method_bytes"] < summed["method_bytes"]
+
+
+def test_read_provenance_reads_every_committed_artifact():
+    """The artifacts committed before the shared key set keep their keys; read_provenance gives the
+    one key set from each (None where the run recorded nothing), and refuses what has no provenance."""
+    for name in ("bench_cpu.json", "budget.json", "one_forward_study.json", "toy_results_lora_svd_sqrt.json"):
+        artifact = json.loads((ROOT / "assets" / name).read_text())
+        p = mlora_scripts.read_provenance(artifact)
+        assert tuple(p) == mlora_scripts.PROVENANCE_KEYS, name
+        assert p["command"].startswith("python "), name
+        assert re.fullmatch(r"[0-9a-f]{7,40}", p["commit"]), name
+    old_bench = json.loads((ROOT / "assets" / "bench_cpu.json").read_text())
+    p = mlora_scripts.read_provenance(old_bench)
+    assert (p["commit"], p["cores"], p["threads"]) == (old_bench["git"]["commit"], old_bench["machine"]["cpu_count"],
+                                                       old_bench["machine"]["threads"])
+    session = dict(command="python scripts/sweep.py", commit="abc1234", dirty=False, threads_per_process=1)
+    assert mlora_scripts.read_provenance(session)["threads"] == 1
+    with pytest.raises(ValueError, match="no provenance"):
+        mlora_scripts.read_provenance({"ranks": [1, 2]})
+    with pytest.raises(TypeError, match="got list"):
+        mlora_scripts.read_provenance([])
+
+
+def test_write_json_is_atomic_and_keeps_the_old_file_on_failure(tmp_path):
+    path = tmp_path / "sub" / "out.json"   # the folder is made
+    mlora_scripts.write_json(str(path), {"a": [1, 2.5]})
+    assert path.read_text() == '{\n "a": [\n  1,\n  2.5\n ]\n}\n'
+    with pytest.raises(TypeError):   # not JSON: the write fails midway, the old file stays whole
+        mlora_scripts.write_json(str(path), {"a": 1, "b": object()})
+    assert json.loads(path.read_text()) == {"a": [1, 2.5]}
+    assert [p.name for p in path.parent.iterdir()] == ["out.json"]   # no temporary file left behind
 
 
 def test_quick_merge_memory_both_modes(quick):
@@ -267,14 +329,23 @@ def test_bf16_autocast_runs_on_cpu(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--runs", "0"], "--runs must be at least 1, got 0"),
-    (["--reps", "-2"], "--reps must be at least 1, got -2"),
+    (["--runs", "0"], "argument --runs: must be an integer > 0, got '0'"),
+    (["--reps", "-2"], "argument --reps: must be an integer > 0, got '-2'"),
+    (["--threads", "1.5"], "argument --threads: must be an integer, got '1.5'"),
     (["--device", "tpu"], "--device must be cpu or cuda, got 'tpu'"),
+    (["--device", "cuda:x"], "--device 'cuda:x' is not a device name"),
+    (["--out", "{dir}"], "--out '{dir}' is a directory, not a file"),
+    (["--out", "{file}/bench.json"], "cannot be written: '{file}' is a file"),
 ])
-def test_bad_flags_stop_before_any_work(flags, message, capsys):
+def test_bad_flags_stop_before_any_work(flags, message, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    def fill(text):
+        return text.replace("{dir}", str(tmp_path)).replace("{file}", str(tmp_path / "a_file"))
     with pytest.raises(SystemExit) as exit:
-        bench.main(flags)
-    assert exit.value.code == 2 and message in capsys.readouterr().err
+        bench.main([fill(f) for f in flags])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and fill(message) in err
+    assert len([line for line in err.splitlines() if "error:" in line]) == 1 and "Traceback" not in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where there is no GPU")

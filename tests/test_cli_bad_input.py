@@ -1,11 +1,14 @@
-"""train_toy.py's command line refuses every bad flag before any work starts.
+"""train_toy.py's command line refuses every bad flag before any work starts, and so do
+examples/budget.py, scripts/sweep.py and scripts/one_forward_study.py (bench.py's flags are
+tested in test_bench.py).
 
 Each case asserts: exit code 2; exactly one `error:` line on stderr, and it names the
 bad value; no traceback; no output folder made and no file in the test's folder
-created or changed. Cases run `train_toy.main` in-process (parse errors come before
-anything heavy); a few run the script as a subprocess, as a user would.
+created or changed. Cases run `main` in-process (parse errors come before anything
+heavy); a few run train_toy.py as a subprocess, as a user would.
 """
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -215,4 +218,50 @@ def test_bad_flag_from_the_shell(argv, expected, tmp_path):
     assert r.returncode == 2, r.stderr
     _check_error(r.stderr, _fill([expected], paths)[0])
     assert r.stdout == ""
+    assert _snapshot(tmp_path) == before and not os.path.exists(tmp_path / "out")
+
+
+# -----------------------------------------------------------------------------
+# the other scripts share train_toy's flag checks (mlora_scripts)
+
+
+def _script(relpath: str):
+    """A script of the repository loaded as a module (scripts/ and examples/ are not packages)."""
+    name = "cli_" + os.path.basename(relpath)[:-3]
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, relpath))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# (script, the function its work starts with, flags, text the error line must contain)
+OTHER_SCRIPTS = [
+    ("examples/budget.py", "train_toy.main", ["--threads", "0"], "argument --threads: must be an integer > 0, got '0'"),
+    ("examples/budget.py", "train_toy.main", ["--calib_blocks", "x"], "--calib_blocks: must be an integer, got 'x'"),
+    ("examples/budget.py", "train_toy.main", ["--json", "{a_dir}"], "--json '{a_dir}' is a directory, not a file"),
+    ("examples/budget.py", "train_toy.main", ["--json", "{a_file}/b.json"], "'{a_file}' is a file, not a folder"),
+    ("scripts/sweep.py", "load_artifact", ["--jobs", "0"], "argument --jobs: must be an integer > 0, got '0'"),
+    ("scripts/sweep.py", "load_artifact", ["--max_runs", "-1"], "--max_runs: must be an integer >= 0, got '-1'"),
+    ("scripts/sweep.py", "load_artifact", ["--artifact", "{a_file}/s.json"], "'{a_file}' is a file, not a folder"),
+    ("scripts/one_forward_study.py", "run", ["--out", "{a_dir}"], "--out '{a_dir}' is a directory, not a file"),
+]
+
+
+@pytest.mark.parametrize("script, work, argv, expected", OTHER_SCRIPTS,
+                         ids=[f"{c[0]} {' '.join(c[2])}" for c in OTHER_SCRIPTS])
+def test_other_scripts_refuse_bad_flags_before_any_work(script, work, argv, expected, tmp_path, capsys,
+                                                        monkeypatch):
+    paths = _files(tmp_path)
+    monkeypatch.chdir(tmp_path)   # a default out/ would land here
+    module = _script(script)
+    before = _snapshot(tmp_path)
+
+    def work_started(*args, **kwargs):
+        raise AssertionError(f"{script} {argv} was accepted: its work started")
+    owner, _, name = work.rpartition(".")
+    monkeypatch.setattr(getattr(module, owner) if owner else module, name, work_started)
+    with pytest.raises(SystemExit) as e:
+        module.main(_fill(argv, paths))
+    assert e.value.code == 2
+    _check_error(capsys.readouterr().err, _fill([expected], paths)[0])
     assert _snapshot(tmp_path) == before and not os.path.exists(tmp_path / "out")

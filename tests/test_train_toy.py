@@ -25,6 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import mlora  # noqa: E402
+import mlora_scripts  # noqa: E402
 import train_toy  # noqa: E402
 
 # small but real: tiny GPT, short pretraining, rank 8 (train/eval ranks 1, 2, 4, 8)
@@ -77,6 +78,9 @@ def test_quick_end_to_end(base_dir, tmp_path):
         assert sorted(m["per_seed"]) == ["0", "1"]
         if name != "lora-svd":   # a curve is of the order as trained; lora-svd is re-ordered at the end
             assert m["curve"]["steps"] == [4, 8], name
+    prov = saved["provenance"]   # the key set every script writes
+    assert tuple(prov) == mlora_scripts.PROVENANCE_KEYS
+    assert prov["command"].startswith("python train_toy.py --quick") and prov["threads"] == 1
     base = saved["base"]   # one accuracy at every rank: AURAC equals it
     assert base["aurac_log2"] == pytest.approx(base["acc"], abs=1e-12)
     assert base["aurac_linear"] == pytest.approx(base["acc"], abs=1e-12)
@@ -292,3 +296,60 @@ def test_table_rows_align_and_base_shows_its_aurac():
         base = lines[1].split()
         assert base[:3] == ["base", "(no", "adapter)"]
         assert base[3:8] == ["0.3125"] * 5   # three ranks, AURAC log2 and linear
+
+
+# -----------------------------------------------------------------------------
+# what train_toy takes from mlora_scripts
+
+
+class _TwoProcesses(mlora_scripts.Runtime):
+    """Process 0 of two without a process group: gather returns this process's object and what
+    the other process sent (by default the same object)."""
+
+    def __init__(self, other=None):
+        super().__init__(torch.device("cpu"), rank=0, world=2)
+        self.other, self.sent = other, None
+
+    def gather(self, obj):
+        self.sent = obj
+        return [obj, obj if self.other is None else self.other]
+
+
+def test_same_draws_check_passes_equal_draws_and_names_different_ones():
+    draws = [3, 8, 1, 8]
+    assert mlora_scripts.Runtime(torch.device("cpu")).gather((5, "x")) == [(5, "x")]   # one process
+    reference = _TwoProcesses()
+    assert mlora_scripts.check_same_draws(reference, 4, draws, "lora_seed0") is True
+    other = reference.sent   # what a process at step 4 with these draws sends
+    assert mlora_scripts.check_same_draws(_TwoProcesses(other), 4, list(draws), "dylora_seed0") is True
+    for step, mine in [(4, [3, 8, 2, 8]), (5, draws)]:   # another rank drawn, or another step
+        with pytest.raises(RuntimeError, match="dylora_seed0: processes disagree on the schedule: they drew"):
+            mlora_scripts.check_same_draws(_TwoProcesses(other), step, mine, "dylora_seed0")
+
+
+def test_seed_mix_keys_the_data_windows():
+    """get_batch's windows depend on (seed, step, process) in that order, through seed_mix."""
+    data = torch.arange(10_000)
+    x, y = train_toy.get_batch(data, 4, 16, seed=1, step=2, proc=0, device="cpu")
+    g = torch.Generator().manual_seed(mlora_scripts.seed_mix(1, 2, 0))
+    starts = torch.randint(len(data) - 16 - 1, (4,), generator=g)
+    assert torch.equal(x[:, 0], starts) and torch.equal(y, x + 1)
+    mixes = {mlora_scripts.seed_mix(*t) for t in [(1, 2, 0), (2, 1, 0), (1, 0, 2), (0, 1, 2), (1, 2, 1)]}
+    assert len(mixes) == 5 and all(0 <= m < 2 ** 63 for m in mixes)   # order-sensitive, 63-bit
+    assert mlora_scripts.seed_mix(1, 2, 0) == mlora_scripts.seed_mix(1, 2, 0)
+
+
+def test_runtime_checks_its_autocast_and_sets_threads():
+    with pytest.raises(ValueError, match="autocast must be None, torch.bfloat16 or torch.float16, got True"):
+        mlora_scripts.Runtime(torch.device("cpu"), autocast=True)
+    previous = torch.get_num_threads()
+    try:
+        rt = mlora_scripts.setup_runtime("cpu", threads=2, autocast=torch.bfloat16)
+        assert torch.get_num_threads() == 2 and (rt.rank, rt.world, rt.main) == (0, 1, True)
+        with rt.amp():
+            out = torch.ones(2, 2) @ torch.ones(2, 2)
+        assert out.dtype == torch.bfloat16   # the autocast the forwards run under
+        args = train_toy.parse_args(["--quick", "--threads", "1", "--autocast", "off"])
+        assert train_toy.setup_runtime(args).autocast is None and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(previous)
