@@ -1,26 +1,38 @@
 """
-Regenerate every number table of README.md and docs/evidence.md from assets/*.json.
+Regenerate every table and every verdict of README.md and docs/evidence.md from assets/*.json.
 
-    python scripts/report.py            # rewrite the tables in place
+    python scripts/report.py            # rewrite the generated regions in place
     python scripts/report.py --check    # change nothing; exit 1 and print a diff if a document differs
     python scripts/report.py --plots    # also redraw assets/toy_*.png from the JSON
 
-A document holds each generated table between two markers,
+A document holds each generated region between two markers,
 
     <!-- report:NAME -->
     ...generated, do not edit by hand...
     <!-- /report:NAME -->
 
-and this script rewrites what lies between them. A table is one function that
-returns markdown, registered in TABLES with the assets it reads; a table whose
-asset is missing is left as it is and reported. To add a table: write the
-function, decorate it with @table("name", "asset.json", ...), and put the two
-markers where it belongs. Only the standard library is needed (matplotlib for
---plots).
+and this script rewrites what lies between them. A region is one function that
+returns markdown, registered in TABLES with the assets it reads; a region whose
+asset is missing is left as it is and reported. To add one: write the function,
+decorate it with @table("name", "asset.json", ...), and put the two markers where
+it belongs (the same region may be placed more than once).
+
+Verdicts. Every "wins", "ties" and "loses" in the documents, every "best or
+tied-best" list and every recommendation is written here, by verdicts() under
+the one rule that rule_text() states (and that docs/evidence.md prints): a
+paired t over the seeds two rows share, against the two-sided ALPHA critical
+value of Student's t at n - 1 degrees of freedom, uncorrected, with a Holm count
+beside every winner table. verdicts() takes {row: {seed: [value per rank]}} and
+the ranks, so any artifact that can be put in that shape gets the same rule.
+
+Only the standard library is needed (matplotlib for --plots).
 """
 
 import argparse
 import difflib
+import functools
+import importlib.util
+import itertools
 import json
 import math
 import os
@@ -33,15 +45,17 @@ DOCUMENTS = ["README.md", os.path.join("docs", "evidence.md")]
 
 TOY = "toy_results_3seeds.json"            # lora, dylora, matryoshka, stratified; seeds 0, 1, 2
 ORACLE = "toy_results_lora_per_rank_seed0.json"   # one LoRA per rank, seed 0
-NESTED = "toy_results_nested_seed0.json"  # the exact nested objective, seed 0
+NESTED = "toy_results_nested_seed0.json"  # the exact nested objective, seed 0 (seeds 1, 2: NESTED_MORE)
+NESTED_MORE = ["toy_results_nested_seed1.json", "toy_results_nested_seed2.json"]
 SVD_SQRT = "toy_results_lora_svd_sqrt.json"     # lora and lora-svd, sqrt scaling, lr 1e-3, seeds 0-2
 SVD_NONE = "toy_results_lora_svd_none.json"     # lora and lora-svd, no scaling, lr 3e-3, seeds 0-2
+STRATIFIED_SVD = "toy_results_stratified_svd.json"
+DYLORA_SVD = "toy_results_dylora_svd.json"
 BUDGET = "budget.json"                     # examples/budget.py
 BENCH = "bench_cpu.json"                   # bench.py --out assets/bench_cpu.json
-
-# two-sided 95% critical value of Student's t at 2 degrees of freedom: the fewest a Welch
-# test of 3 seeds against 3 seeds can have, so |t| above it is a difference at any df.
-T_CRIT_3V3 = 4.303
+ONE_FORWARD = "one_forward_study.json"     # scripts/one_forward_study.py
+SWEEP = "toy_sweep.json"                   # scripts/sweep.py (the tuned comparison)
+TOY_ALL = [TOY, ORACLE, NESTED, SVD_SQRT, SVD_NONE, STRATIFIED_SVD, DYLORA_SVD] + NESTED_MORE
 
 TABLES = {}   # name -> (function, asset file names)
 
@@ -79,13 +93,6 @@ def std(xs):
     """Sample standard deviation (n - 1), as train_toy.py reports it."""
     m = mean(xs)
     return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
-
-
-def welch_t(a, b):
-    """Welch's t of mean(a) - mean(b); inf when neither sample varies."""
-    se = math.sqrt(std(a) ** 2 / len(a) + std(b) ** 2 / len(b))
-    diff = mean(a) - mean(b)
-    return diff / se if se > 0 else math.copysign(math.inf, diff)
 
 
 def binomial_se(p, n):
@@ -136,6 +143,310 @@ def ranks_head(ranks):
     return [f"r={k}" for k in ranks]
 
 
+def lr_text(lr):
+    """0.003 -> '3e-3', 0.0001 -> '1e-4', 0.015 -> '1.5e-2'."""
+    mantissa, exponent = f"{lr:e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
+
+
+def span(ks, order):
+    """Ranks as text: contiguous runs of `order` joined with a dash ('1-16'), others listed."""
+    idx = sorted(order.index(k) for k in ks)
+    parts, start = [], idx[0]
+    for a, b in zip(idx, idx[1:] + [None]):
+        if b != a + 1:
+            parts.append(f"{order[start]}" if start == a else f"{order[start]}-{order[a]}")
+            start = b
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+# -----------------------------------------------------------------------------
+# the one verdict rule
+
+ALPHA = 0.05   # two-sided level of every comparison
+ONE_FORWARD_RESOLUTION = 1e-5   # scores of the planted problem: float32 sums; see rule_text
+
+
+def t_two_sided_p(t, df):
+    """P(|T| >= |t|) for Student's t with df degrees of freedom, df a positive integer.
+
+    Closed form for integer df (the series in cos(theta), theta = atan(|t| / sqrt(df)),
+    one for odd and one for even df), so no special-function library is needed."""
+    if isinstance(df, bool) or not isinstance(df, int) or df < 1:
+        raise ValueError(f"df must be a positive integer, got {df!r}")
+    if not isinstance(t, (int, float)) or math.isnan(t):
+        raise ValueError(f"t must be a number, got {t!r}")
+    if math.isinf(t):
+        return 0.0
+    theta = math.atan(abs(t) / math.sqrt(df))
+    c2 = math.cos(theta) ** 2
+    if df % 2:    # odd: (2/pi) (theta + sin cos (1 + 2/3 cos^2 + 2*4/(3*5) cos^4 + ...))
+        total, term = 0.0, math.cos(theta)
+        for j in range(1, (df - 1) // 2 + 1):
+            total += term
+            term *= c2 * (2 * j) / (2 * j + 1)
+        inside = 2 / math.pi * (theta + math.sin(theta) * total)
+    else:         # even: sin (1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ...)
+        total, term = 0.0, 1.0
+        for j in range(df // 2):
+            total += term
+            term *= c2 * (2 * j + 1) / (2 * j + 2)
+        inside = math.sin(theta) * total
+    return min(1.0, max(0.0, 1.0 - inside))
+
+
+def t_critical(df, alpha=ALPHA):
+    """The two-sided critical value: the |t| whose two-sided p is alpha (bisection)."""
+    if isinstance(alpha, bool) or not (isinstance(alpha, (int, float)) and 0 < alpha < 1):
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha!r}")
+    t_two_sided_p(0.0, df)   # validates df
+    return _t_critical(df, float(alpha))
+
+
+@functools.cache
+def _t_critical(df, alpha):
+    lo, hi = 0.0, 1.0
+    while t_two_sided_p(hi, df) > alpha:
+        lo, hi = hi, hi * 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_two_sided_p(mid, df) > alpha else (lo, mid)
+    return hi
+
+
+def paired_t(a, b):
+    """(mean of a_i - b_i, paired t). Identical samples give t = 0; a constant non-zero
+    difference gives t = +-inf (no spread at all)."""
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"paired_t needs two samples of the same length >= 2, got {len(a)} and {len(b)}")
+    d = [x - y for x, y in zip(a, b)]
+    m, s = mean(d), std(d)
+    if s == 0:
+        return m, (0.0 if m == 0 else math.copysign(math.inf, m))
+    return m, m / (s / math.sqrt(len(d)))
+
+
+def _check_data(data, ranks):
+    if not isinstance(ranks, (list, tuple)) or not ranks or any(
+            isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ranks) \
+            or any(b <= a for a, b in zip(ranks, ranks[1:])):
+        raise ValueError(f"ranks must be a non-empty increasing list of positive integers, got {ranks!r}")
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"data must be a non-empty dict {{row: {{seed: [value per rank]}}}}, got {data!r:.80}")
+    for name, seeds in data.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"row names must be non-empty strings, got {name!r}")
+        if not isinstance(seeds, dict) or not seeds:
+            raise ValueError(f"row {name!r}: expected a non-empty dict {{seed: [value per rank]}}, got {seeds!r:.80}")
+        keys = [str(s) for s in seeds]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"row {name!r}: seeds {list(seeds)} repeat once read as text")
+        for seed, values in seeds.items():
+            if not isinstance(values, (list, tuple)) or len(values) != len(ranks):
+                raise ValueError(f"row {name!r} seed {seed!r}: expected {len(ranks)} values (one per rank "
+                                 f"{list(ranks)}), got {values!r:.80}")
+            for v in values:
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise ValueError(f"row {name!r} seed {seed!r}: value {v!r} is not a finite number")
+
+
+def verdicts(data, ranks, alpha=ALPHA, aurac_scale="log2", column_names=None, resolution=0.0):
+    """Every pairwise verdict, and the best or tied-best rows, of {row: {seed: [value per rank]}}.
+
+    The rule (rule_text states it for readers): two rows are compared on the seeds they
+    share, by the paired t of their per-seed differences with n - 1 degrees of freedom;
+    row a wins when t > t_critical(n - 1, alpha), loses when t < -t_critical, ties
+    otherwise; and a mean difference no larger than `resolution` (the smallest difference
+    the data can resolve: one test character, say) is a tie whatever t is. Uncorrected;
+    `holm` says how many wins a Holm correction over each column would keep. Rows with one
+    seed (no spread) get no verdict ('untested'), nor
+    does a pair sharing fewer than 2 seeds. Columns: one per rank, then AURAC
+    (aurac_scale 'log2' or 'linear', computed per seed) unless aurac_scale is None.
+    column_names: labels for the rank columns (default 'r=k').
+
+    Returns a dict: columns; rows (every row, in the given order); tested (rows with 2+
+    seeds); untested; values {row: {column: {seed: value}}}; mean {row: {column: m}};
+    pairs {(a, b): {column: dict(diff, t, df, p, verdict)}} for a before b in tested,
+    verdict 'wins' / 'loses' / 'ties' seen from a, or None when they share < 2 seeds;
+    winners {column: [rows no row beats there, highest mean first]}; spread {column: [the
+    winners whose mean is below that of a beaten row: kept by their wide spread over seeds,
+    not by their level]}; holm {column: (wins, wins Holm keeps, comparisons)}. Nothing passed
+    in is modified.
+    """
+    _check_data(data, ranks)
+    if not (isinstance(alpha, (int, float)) and 0 < alpha < 1):
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha!r}")
+    if isinstance(resolution, bool) or not isinstance(resolution, (int, float)) or not 0 <= resolution < math.inf:
+        raise ValueError(f"resolution must be a finite number >= 0, got {resolution!r}")
+    if aurac_scale not in ("log2", "linear", None):
+        raise ValueError(f"aurac_scale must be 'log2', 'linear' or None, got {aurac_scale!r}")
+    names = list(column_names) if column_names is not None else [f"r={k}" for k in ranks]
+    if len(names) != len(ranks) or len(set(names)) != len(names):
+        raise ValueError(f"column_names must be {len(ranks)} distinct labels, got {column_names!r}")
+    columns = names + ([f"AURAC {aurac_scale}"] if aurac_scale else [])
+    values = {}
+    for name, seeds in data.items():
+        values[name] = {c: {} for c in columns}
+        for seed, vs in seeds.items():
+            for c, v in zip(names, vs):
+                values[name][c][str(seed)] = float(v)
+            if aurac_scale:
+                values[name][columns[-1]][str(seed)] = aurac(ranks, [float(v) for v in vs], aurac_scale)
+    rows_ = list(data)
+    tested = [n for n in rows_ if len(data[n]) >= 2]
+    means = {n: {c: mean(list(values[n][c].values())) for c in columns} for n in rows_}
+    pairs = {}
+    for a, b in itertools.combinations(tested, 2):
+        shared = sorted(set(values[a][columns[0]]) & set(values[b][columns[0]]))
+        pairs[(a, b)] = {}
+        for c in columns:
+            if len(shared) < 2:
+                pairs[(a, b)][c] = dict(diff=None, t=None, df=None, p=None, verdict=None)
+                continue
+            diff, t = paired_t([values[a][c][s] for s in shared], [values[b][c][s] for s in shared])
+            df = len(shared) - 1
+            cut = t_critical(df, alpha)
+            verdict = "wins" if t > cut and diff > resolution else \
+                "loses" if t < -cut and diff < -resolution else "ties"
+            pairs[(a, b)][c] = dict(diff=diff, t=t, df=df, p=t_two_sided_p(t, df), verdict=verdict)
+    winners, holm, spread = {}, {}, {}
+    for c in columns:
+        beaten = set()
+        for (a, b), cells in pairs.items():
+            v = cells[c]["verdict"]
+            if v == "wins":
+                beaten.add(b)
+            elif v == "loses":
+                beaten.add(a)
+        winners[c] = sorted((n for n in tested if n not in beaten), key=lambda n: -means[n][c])
+        top_beaten = max((means[n][c] for n in beaten), default=-math.inf)
+        spread[c] = [n for n in winners[c] if means[n][c] < top_beaten]
+        tested_cells = sorted((cells[c] for cells in pairs.values() if cells[c]["verdict"] is not None),
+                              key=lambda cell: cell["p"])
+        wins = sum(cell["verdict"] != "ties" for cell in tested_cells)
+        kept = 0
+        for i, cell in enumerate(tested_cells):   # Holm's step-down: stop at the first p that fails its level
+            if cell["p"] >= alpha / (len(tested_cells) - i):
+                break
+            kept += cell["verdict"] != "ties"      # the resolution floor still applies
+        holm[c] = (wins, kept, len(tested_cells))
+    return dict(columns=columns, rows=rows_, tested=tested, untested=[n for n in rows_ if n not in tested],
+                values=values, mean=means, pairs=pairs, winners=winners, spread=spread, holm=holm, alpha=alpha,
+                resolution=resolution)
+
+
+def compare(v, a, b, column):
+    """The verdict of row a against row b in one column, seen from a: dict(diff, t, df, p, verdict)."""
+    if (a, b) in v["pairs"]:
+        return v["pairs"][(a, b)][column]
+    if (b, a) in v["pairs"]:
+        cell = dict(v["pairs"][(b, a)][column])
+        if cell["verdict"] is not None:
+            cell["diff"], cell["t"] = 0.0 - cell["diff"], 0.0 - cell["t"]   # 0.0 - x: no negative zero
+            cell["verdict"] = {"wins": "loses", "loses": "wins", "ties": "ties"}[cell["verdict"]]
+        return cell
+    raise KeyError(f"no verdict for {a!r} against {b!r}: rows tested are {v['tested']}")
+
+
+def cell_text(c):
+    """'+0.0212 (t 15.1) wins'; '-' when untested."""
+    if c["verdict"] is None:
+        return "-"
+    t = ("-inf" if c["t"] < 0 else "inf") if math.isinf(c["t"]) else f"{c['t']:.2f}"
+    return f"{c['diff']:+.4f} (t {t}) {c['verdict']}"
+
+
+def describe(v, a, b, ranks, digits=4):
+    """One sentence fragment: how row a fares against row b over the rank columns, then AURAC.
+
+    'loses at ranks 1-16 (-0.0297 to -0.0212), ties at rank 32; AURAC log2: loses (-0.0229)'"""
+    rank_cols = v["columns"][:len(ranks)]
+    groups = {}
+    for k, c in zip(ranks, rank_cols):
+        cell = compare(v, a, b, c)
+        groups.setdefault(cell["verdict"] or "untested", []).append((k, cell["diff"]))
+    parts = []
+    for verdict, items in sorted(groups.items(), key=lambda kv: ranks.index(kv[1][0][0])):
+        ks = [k for k, _ in items]
+        where = f"rank{'s' if len(ks) > 1 else ''} {span(ks, list(ranks))}"
+        if verdict in ("wins", "loses"):
+            lo, hi = min(d for _, d in items), max(d for _, d in items)
+            lo, hi = f"{lo:+.{digits}f}", f"{hi:+.{digits}f}"
+            by = lo if lo == hi else f"{lo} to {hi}"
+            parts.append(f"{verdict} at {where} ({by})")
+        else:
+            parts.append(f"{verdict} at {where}")
+    text = ", ".join(parts)
+    if len(v["columns"]) > len(ranks):
+        c = compare(v, a, b, v["columns"][-1])
+        text += f"; {v['columns'][-1]}: {c['verdict'] or 'untested'}"
+        if c["verdict"] is not None:
+            text += f" ({c['diff']:+.{digits}f})"
+    return text
+
+
+def rule_text(n_seeds, n_rows, toy_chars):
+    """The rule, as the documents state it: the same constants verdicts() uses."""
+    cut = t_critical(n_seeds - 1)
+    m = n_rows * (n_rows - 1) // 2
+    holm_first = t_critical(n_seeds - 1, ALPHA / m)
+    return (
+        f"**The rule.** Two rows are compared on the seeds they share. For each rank (and for AURAC "
+        f"log2, computed per seed from that seed's accuracies), take the per-seed differences "
+        f"d_s = a_s - b_s and the paired t = mean(d) / (std(d) / sqrt(n)) with n - 1 degrees of "
+        f"freedom. Row a **wins** when t exceeds the two-sided {ALPHA:.0%} critical value of Student's t "
+        f"at n - 1 d.f. ({cut:.3f} for {n_seeds} seeds) and mean(d) exceeds the resolution of the data; "
+        f"it **loses** in the mirror case, and **ties** otherwise. The resolution: one test character "
+        f"(1/{toy_chars:,}) on the toy, whose accuracies are counts of characters; {ONE_FORWARD_RESOLUTION:g} "
+        f"on the planted problem of section 5, whose scores are float32 arithmetic (float rounding "
+        f"separates rows that are one computation in exact arithmetic, with a t that can be large). "
+        f"Identical runs (every d_s = 0) tie. A row with one seed has no spread and gets no verdict. "
+        f"**Best or tied-best** in a column: the rows that no other row beats there. "
+        f"**Uncorrected**: each comparison is at {ALPHA:.0%}, so a column of m comparisons would show "
+        f"about {ALPHA:g} m false wins if no two rows differed at all (with the {n_rows} toy rows of "
+        f"section 4, m = {m}: about {ALPHA * m:.1f} per column). Treat every verdict as exploratory. "
+        f"Each winner table also counts the wins a Holm correction over its column would keep; with "
+        f"{n_seeds} seeds and m = {m} that correction asks |t| > {holm_first:.1f} of the strongest "
+        f"difference, so it keeps few. The test-set noise is not in t: every row is scored on the same "
+        f"test characters, so it affects a difference less than two separate accuracies.")
+
+
+# -----------------------------------------------------------------------------
+# tables of verdicts, for any {row: {seed: [value per rank]}}
+
+
+def verdict_table(v, pairs=None, label=lambda n: f"`{n}`"):
+    """One row per pair of tested rows (or the pairs given), one cell per column."""
+    pairs = pairs if pairs is not None else list(v["pairs"])
+    lines = [header(["a vs b"] + v["columns"])]
+    for a, b in pairs:
+        lines.append(row([f"{label(a)} vs {label(b)}"] + [cell_text(compare(v, a, b, c)) for c in v["columns"]]))
+    return "\n".join(lines)
+
+
+def winners_table(v, label=lambda n: f"`{n}`", digits=4):
+    """Per column: the rows no other row beats (mean), and the Holm count."""
+    lines = [header(["column", "best or tied-best (mean)", "wins (uncorrected) / kept by Holm / comparisons"])]
+    for c in v["columns"]:
+        best = ", ".join(f"{label(n)} {v['mean'][n][c]:.{digits}f}" for n in v["winners"][c])
+        wins, kept, m = v["holm"][c]
+        lines.append(row([c, best, f"{wins} / {kept} / {m}"]))
+    note = ""
+    wide = {c: ns for c, ns in v["spread"].items() if ns}
+    if wide:
+        note += (" Listed only because their spread over seeds is too wide for the rule to rule them out (a "
+                 "row they do not beat has a higher mean): " + "; ".join(
+                     f"{c} " + ", ".join(label(n) for n in ns) for c, ns in wide.items()) + ".")
+    if v["untested"]:
+        note = " No verdict for " + ", ".join(label(n) for n in v["untested"]) + " (one seed: no spread)."
+    return "\n".join(lines) + (
+        f"\n\nBest or tied-best: the rows no other row beats in that column under the rule of section 0 "
+        f"(paired t, two-sided {v['alpha']:.0%}, uncorrected, differences above {v['resolution']:.2g}), highest "
+        f"mean first. Last column: how many "
+        f"pairwise comparisons of the column give a winner, how many of those a Holm correction over the "
+        f"column would keep, and how many comparisons there are." + note)
+
+
 # -----------------------------------------------------------------------------
 # the toy comparison (train_toy.py)
 
@@ -145,6 +456,7 @@ CPU_DEFAULTS = dict(preset="char-cpu", rank=32, steps=300, batch_size=16, scalin
                     grad_clip=1.0, matryoshka_normalize=False, sweep=False, processes=1, device="cpu")
 FLAGS = dict(preset="--preset", rank="--rank", steps="--steps", batch_size="--batch_size",
              scaling="--scaling", alpha="--alpha", grad_clip="--grad_clip")
+ONE_FORWARD_METHODS = ("dylora", "matryoshka", "stratified")   # hierarchies trained with one forward per step
 
 
 def toy_command(results):
@@ -173,8 +485,7 @@ def toy_command_table():
     lines = ["```bash"]
     for name in (TOY, ORACLE, NESTED):
         lines.append(toy_command(load(name)) + f"   # out/results.json, committed as assets/{name}")
-    later = [SVD_SQRT, SVD_NONE] + [a for parts in OPTIONAL_SVD.values() for a, _ in parts if a != NESTED]
-    for name in later:   # runs that record their own command
+    for name in [SVD_SQRT, SVD_NONE, STRATIFIED_SVD, DYLORA_SVD] + NESTED_MORE:   # runs that record their command
         if os.path.exists(os.path.join(ASSETS, name)):
             lines.append(load(name)["provenance"]["command"] + f"   # committed as assets/{name}")
     lines.append("```")
@@ -205,53 +516,287 @@ def toy_setting():
     ])
 
 
-def acc_rows(results, methods, with_cost=True):
-    """One row per method: per-rank accuracy, both AURACs (mean ± std over seeds), cost."""
-    ranks = results["ranks"]
-    lines, accs = [], []
-    for m in methods:
-        rs = runs(results, m)
-        cells = [f"`{m}`", f"{results['config']['lr'][m]:g}"]
-        for i in range(len(ranks)):
-            values = [r["acc"][i] for r in rs]
-            accs += values
-            cells.append(pm(values))
-        cells += [pm([r["aurac_log2"] for r in rs]), pm([r["aurac_linear"] for r in rs])]
-        if with_cost:
-            cells.append(f"{mean([r['train_flops'] for r in rs]) / 1e12:.2f}")
-        lines.append(row(cells))
-    return lines, accs
+def toy_rows():
+    """Every row of the toy comparison, as dicts: label (as the SVD table shows it), method,
+    scaling, lr, runs (per seed), tflops (training), posthoc (GFLOPs of the SVD step), assets.
+    Rows pooled from several assets (nested) appear only when every one of them is committed."""
+    toy = load(TOY)
+    out = []
+
+    def add(label, method, parts):
+        if not all(os.path.exists(os.path.join(ASSETS, a)) for a, _ in parts):
+            return
+        sources = [(load(a), m) for a, m in parts]
+        for source, _ in sources:
+            if source["ranks"] != toy["ranks"] or source["config"]["eval_chars"] != toy["config"]["eval_chars"] \
+                    or source["base"]["acc"] != toy["base"]["acc"]:
+                raise ValueError(f"{label}: not evaluated on the same base model, ranks and test set as {TOY}")
+        rs = [r for source, m in sources for r in runs(source, m)]
+        seeds = [r["seed"] for r in rs]
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"{label}: seed repeated across {[a for a, _ in parts]}: {seeds}")
+        config = sources[0][0]["config"]
+        lr = config["lr"][parts[0][1].split("+")[0]]
+        out.append(dict(label=label, method=method, scaling=config["scaling"], lr=lr, runs=rs,
+                        tflops=mean([r["train_flops"] for r in rs]) / 1e12,
+                        posthoc=mean([r.get("posthoc_flops", 0) for r in rs]) / 1e9, assets=[a for a, _ in parts]))
+
+    add("`lora`", "lora", [(TOY, "lora")])
+    add("`lora-svd`", "lora-svd", [(SVD_SQRT, "lora-svd")])
+    add("`lora`", "lora", [(SVD_NONE, "lora")])
+    add("`lora-svd`", "lora-svd", [(SVD_NONE, "lora-svd")])
+    for m in ONE_FORWARD_METHODS:
+        add(f"`{m}`", m, [(TOY, m)])
+    add("`stratified+svd`", "stratified+svd", [(STRATIFIED_SVD, "stratified+svd")])
+    add("`dylora+svd`", "dylora+svd", [(DYLORA_SVD, "dylora+svd")])
+    add("`nested` (6 forwards per step)", "nested", [(NESTED, "nested")] + [(a, "nested") for a in NESTED_MORE])
+    add("`lora-per-rank` (one LoRA per rank)", "lora-per-rank", [(ORACLE, "lora-per-rank")])
+    return toy["ranks"], out
 
 
-@table("toy_headline", TOY, ORACLE, NESTED, SVD_SQRT, SVD_NONE)
+def row_key(r):
+    """The unique name of a toy row: method [scaling, lr]."""
+    lr = r["lr"] if not isinstance(r["lr"], list) else sorted(set(r["lr"]))[0]
+    return f"{r['method']} [{r['scaling']}, {lr_text(lr)}]"
+
+
+def toy_analysis(exclude=()):
+    """(ranks, {key: row}, verdicts over every toy row, display name per key)."""
+    ranks, rows_ = toy_rows()
+    rows_ = [r for r in rows_ if row_key(r) not in exclude]
+    by_key = {row_key(r): r for r in rows_}
+    if len(by_key) != len(rows_):
+        raise ValueError("two toy rows share a method and setting")
+    v = verdicts({k: {r["seed"]: r["acc"] for r in row_["runs"]} for k, row_ in by_key.items()}, ranks,
+                 resolution=1 / load(TOY)["config"]["eval_chars"])
+    counts = {}
+    for r in rows_:
+        counts[r["method"]] = counts.get(r["method"], 0) + 1
+
+    def display(key):
+        r = by_key[key]
+        return f"`{r['method']}`" if counts[r["method"]] == 1 else \
+            f"`{r['method']}` ({r['scaling']}, {lr_text(r['lr'])})"
+    return ranks, by_key, v, display
+
+
+def cost_text(r):
+    text = f"{r['tflops']:.2f} TFLOPs"
+    return text + (f" + {r['posthoc']:.0f} GFLOPs post-hoc" if r["posthoc"] else "")
+
+
+@table("toy_headline", *TOY_ALL)
 def toy_headline():
-    results, oracle, nested = load(TOY), load(ORACLE), load(NESTED)
-    ranks, n = results["ranks"], results["config"]["eval_chars"]
+    results = load(TOY)
+    ranks, by_key, _, display = toy_analysis()
+    n = results["config"]["eval_chars"]
     show = [0, 2, len(ranks) - 1]   # ranks 1, 4 and 32: the short version; evidence.md has every rank
+    first_lora = next(k for k, r in by_key.items() if r["method"] == "lora")
+    order = [first_lora] + [k for m in ONE_FORWARD_METHODS + ("lora-svd", "nested", "lora-per-rank")
+                            for k, r in by_key.items() if r["method"] == m]
     lines = [header(["method", "seeds"] + [f"r={ranks[i]}" for i in show] + ["AURAC log2"])]
     accs = []
-    for m in results["methods"]:
-        rs = runs(results, m)
-        cells = [f"`{m}`", len(rs)] + [pm([r["acc"][i] for r in rs]) for i in show]
-        accs += [r["acc"][i] for r in rs for i in show]
-        lines.append(row(cells + [pm([r["aurac_log2"] for r in rs])]))
-    for source, label in ((load(SVD_SQRT), "`lora-svd` (`lora` re-ordered by SVD)"),
-                          (load(SVD_NONE), "`lora-svd`, scaling none, lr 3e-3")):
-        rs = runs(source, "lora-svd")
-        accs += [r["acc"][i] for r in rs for i in show]
-        lines.append(row([label, len(rs)] + [pm([r["acc"][i] for r in rs]) for i in show]
-                         + [pm([r["aurac_log2"] for r in rs])]))
-    nested_runs = [r for a, _ in OPTIONAL_SVD["`nested` (6 forwards per step)"]
-                   if os.path.exists(os.path.join(ASSETS, a)) for r in runs(load(a), "nested")]
-    for other, label in ((nested, "`nested` (6 forwards per step)"), (oracle, "`lora-per-rank` (one LoRA per rank)")):
-        (m,) = other["methods"]
-        rs = nested_runs if m == "nested" else runs(other, m)
-        accs += [rs[0]["acc"][i] for i in show]
-        lines.append(row([label, len(rs)] + [pm([r["acc"][i] for r in rs]) for i in show]
-                         + [pm([r["aurac_log2"] for r in rs])]))
+    for key in order:
+        rs = by_key[key]["runs"]
+        accs += [x["acc"][i] for x in rs for i in show]
+        label = display(key) + (", truncated" if key == first_lora else "")
+        lines.append(row([label, len(rs)] + [pm([x["acc"][i] for x in rs]) for i in show]
+                         + [pm([x["aurac_log2"] for x in rs])]))
     lines.append(row(["base (no adapter)", "-"] + [f"{results['base']['acc']:.4f}"] * (len(show) + 1)))
-    return "\n".join(lines) + "\n\n" + noise_note(accs, n, len(results["seeds"])) + \
-        " Rows with 1 seed have no spread."
+    se = binomial_se(max(accs), n)   # the largest SE at these accuracies (p near 0.5)
+    return "\n".join(lines) + (
+        f"\n\n± is the std over {len(results['seeds'])} seeds (training noise on one test set of {n:,} "
+        f"characters); the binomial SE of one accuracy on that set, about {se:.4f}, is not in it. "
+        f"Rows with 1 seed have no spread.")
+
+
+def settings_by_method(by_key):
+    """{trained method: [(scaling, lr, date, what the date is)]}, earliest first; lora-svd and +svd
+    rows are the same trainings as lora and their hierarchy, so they count under those."""
+    out = {}
+    for r in by_key.values():
+        if r["method"] == "lora-per-rank":
+            continue
+        base = "lora" if r["method"] == "lora-svd" else r["method"].split("+")[0]
+        for a in r["assets"]:
+            p = load(a).get("provenance", {})
+            entry = (r["scaling"], r["lr"]) + ((p["date"][:16], "run") if p.get("date") else
+                                               (p["committed_date"][:16], "results committed")
+                                               if p.get("committed_date") else ("?", "undated"))
+            same = [e for e in out.setdefault(base, []) if e[:2] == entry[:2]]
+            if not same:
+                out[base].append(entry)
+            elif entry[2] < same[0][2]:
+                out[base][out[base].index(same[0])] = entry
+    return {m: sorted(s, key=lambda e: e[2]) for m, s in out.items()}
+
+
+def tuning_summary():
+    """(text naming each method's settings, the later settings' row keys, verdicts with and
+    without those rows, display)."""
+    ranks, by_key, v, display = toy_analysis()
+    settings = settings_by_method(by_key)
+    one = {}
+    for m, s in settings.items():
+        if len(s) == 1:
+            one.setdefault(s[0][:2], []).append(m)
+    parts = [", ".join(f"`{m}`" for m in ms) + f" at ({sc}, {lr_text(lr)}) only" for (sc, lr), ms in one.items()]
+    later = []
+    for m, s in settings.items():
+        if len(s) > 1:
+            parts.append(f"`{m}` (and `{m}-svd`, its re-ordering) at "
+                         + ", then ".join(f"({sc}, {lr_text(lr)}; {what} {d})" for sc, lr, d, what in s))
+            later += [k for sc, lr, _, _ in s[1:] for k in (f"{m} [{sc}, {lr_text(lr)}]",
+                                                              f"{m}-svd [{sc}, {lr_text(lr)}]") if k in by_key]
+    without = toy_analysis(exclude=later)[2] if later else v
+    return "; ".join(parts), later, v, without, display
+
+
+@table("toy_tuning", *TOY_ALL)
+def toy_tuning():
+    text, later, v, without, display = tuning_summary()
+    out = f"**Tuning: fixed rates, not tuned equally.** {text}. How the rates were chosen is not recorded."
+    added = {c: [k for k in without["winners"][c] if k not in v["winners"][c]] for c in v["columns"]}
+    added = {c: ks for c, ks in added.items() if ks}
+    if later:
+        out += (" Without the later setting's rows, these would also be best or tied-best: "
+                + ("; ".join(f"{c} " + ", ".join(display(k) for k in ks) for c, ks in added.items())
+                   if added else "none") + ".")
+    return out
+
+
+@table("toy_tuning_detail", *TOY_ALL)
+def toy_tuning_detail():
+    text, later, v, without, display = tuning_summary()
+    if not later:
+        return "Every method ran at one setting; there is no later setting to leave out."
+    lines = [header(["column", "best or tied-best, every row", "best or tied-best without "
+                     + ", ".join(display(k) for k in later)])]
+    for c in v["columns"]:
+        lines.append(row([c, ", ".join(display(k) for k in v["winners"][c]),
+                          ", ".join(display(k) for k in without["winners"][c])]))
+    return "\n".join(lines) + ("\n\nThe same rule with and without the rows of the setting that was run later; "
+                               "a row that appears only in the right column is beaten, in that column, only by a "
+                               "row of the later setting.")
+
+
+@table("verdict_rule", *TOY_ALL)
+def verdict_rule():
+    ranks, by_key, v, _ = toy_analysis()
+    seeds = {len(r["runs"]) for r in by_key.values() if len(r["runs"]) > 1}
+    if len(seeds) != 1:
+        raise ValueError(f"the toy rows have different seed counts {sorted(seeds)}; rule_text states one")
+    return rule_text(seeds.pop(), len(v["tested"]), load(TOY)["config"]["eval_chars"])
+
+
+@table("headline", *TOY_ALL)
+def headline():
+    ranks, by_key, v, display = toy_analysis()
+    key = {r["method"]: k for k, r in by_key.items()}
+    n_seeds = len(by_key[key["dylora"]]["runs"])
+    cols = v["columns"]
+    unit = next(r for r in by_key.values() if r["method"] == "lora")["tflops"]
+    aurac_best = ", ".join(f"{display(k)} ({by_key[k]['tflops'] / unit:.1f}x the training FLOPs of one LoRA)"
+                           for k in v["winners"][cols[-1]])
+    never = [display(k) for k in v["tested"] if not any(k in v["winners"][c] for c in cols)]
+    return (
+        f"Verdicts by one rule, generated from `assets/`: paired t over {n_seeds} seeds, two-sided "
+        f"{ALPHA:.0%} (|t| > {t_critical(n_seeds - 1):.3f}), uncorrected, so exploratory "
+        f"([the rule](docs/evidence.md#0-how-a-verdict-is-made)). The paper's claim was MatryoshkaLoRA above "
+        f"DyLoRA at every rank; here `matryoshka` against `dylora` "
+        f"{describe(v, key['matryoshka'], key['dylora'], ranks)}. "
+        f"`stratified` against `dylora`: {describe(v, key['stratified'], key['dylora'], ranks)}. "
+        f"Best or tied-best in {cols[-1]}: {aurac_best}. "
+        + (f"Never best or tied-best: {', '.join(never)}." if never else ""))
+
+
+@table("which_to_use", *TOY_ALL)
+def which_to_use():
+    ranks, by_key, v, display = toy_analysis()
+    cols = v["columns"]
+
+    def cost(k):   # GFLOPs
+        return by_key[k]["tflops"] * 1e3 + by_key[k]["posthoc"]
+
+    def names(c):
+        return ", ".join(display(k) + ("*" if k in v["spread"][c] else "")
+                         for k in sorted(v["winners"][c], key=lambda k: (cost(k), k)))
+    groups = []   # runs of ranks with the same list
+    for k, c in zip(ranks, cols):
+        if groups and names(groups[-1][1]) == names(c):
+            groups[-1][0].append(k)
+        else:
+            groups.append(([k], c))
+    lines = ["**Which to use**, generated: at each serving rank, the rows no other row beats there (the rule "
+             "above), cheapest training first; rates not tuned equally (the tuning line)."]
+    for ks, c in groups:
+        lines.append(f"- rank{'s' if len(ks) > 1 else ''} {span(ks, ranks)}: {names(c)}")
+    lines.append(f"- every rank from one checkpoint ({cols[-1]}): {names(cols[-1])}")
+    listed = sorted({k for c in cols for k in v["winners"][c]}, key=lambda k: (cost(k), k))
+    by_cost = {}
+    for k in listed:
+        by_cost.setdefault(cost_text(by_key[k]), []).append(display(k))
+    text = "Training cost: " + "; ".join(f"{', '.join(ns)} {c}" for c, ns in by_cost.items()) + "."
+    if any(v["spread"][c] for c in cols):
+        text += " \\* tied only through a wide spread over seeds (a row with a higher mean is beaten)."
+    if v["untested"]:
+        text += " Not judged (one seed): " + ", ".join(display(k) for k in v["untested"]) + "."
+    return "\n".join(lines) + "\n\n" + text
+
+
+FINDING_PAIRS_TOY = [("matryoshka", "dylora"), ("stratified", "dylora"), ("stratified", "matryoshka"),
+                     ("dylora", "lora"), ("stratified", "lora"), ("matryoshka", "lora"),
+                     ("nested", "stratified"), ("nested", "dylora")]
+FINDING_PAIRS_SVD = [("lora-svd", "lora"), ("lora-svd", "lora-svd"), ("stratified+svd", "stratified"),
+                     ("dylora+svd", "dylora"), ("stratified", "lora-svd"), ("dylora", "lora-svd"),
+                     ("matryoshka", "lora-svd"), ("nested", "lora-svd")]
+
+
+def findings(pairs):
+    """Bullets 'a against b: ...' for each (method, method) pair, over every setting of each;
+    a pair of one method with itself compares its settings; lora-svd is set beside the lora
+    run it re-orders (same setting)."""
+    ranks, by_key, v, display = toy_analysis()
+    def keys(m):
+        return [k for k in v["tested"] if by_key[k]["method"] == m]
+    lines, done = [], set()
+    for a, b in pairs:
+        for ka in keys(a):
+            for kb in keys(b):
+                if ka == kb or (kb, ka) in done:
+                    continue
+                same_runs = {a, b} == {"lora", "lora-svd"}
+                if same_runs and by_key[ka]["scaling"] != by_key[kb]["scaling"]:
+                    continue   # lora-svd beside its own lora runs only
+                done.add((ka, kb))
+                lines.append(f"- {display(ka)} against {display(kb)}: {describe(v, ka, kb, ranks)}.")
+    for k in v["untested"]:
+        lines.append(f"- {display(k)}: one seed, so no verdict; its seed-0 accuracies are in the seed-0 table.")
+    return "\n".join(lines)
+
+
+@table("toy_findings", *TOY_ALL)
+def toy_findings():
+    return findings(FINDING_PAIRS_TOY)
+
+
+@table("svd_findings", *TOY_ALL)
+def svd_findings():
+    return findings(FINDING_PAIRS_SVD)
+
+
+@table("toy_verdicts", *TOY_ALL)
+def toy_verdicts():
+    ranks, by_key, v, display = toy_analysis()
+    return verdict_table(v, label=display) + (
+        f"\n\nEach cell: mean over the shared seeds of a - b, the paired t, and the verdict for a under the rule "
+        f"of section 0. {len(v['pairs'])} pairs x {len(v['columns'])} columns, uncorrected.")
+
+
+@table("toy_winners", *TOY_ALL)
+def toy_winners():
+    ranks, by_key, v, display = toy_analysis()
+    return winners_table(v, label=display)
 
 
 @table("toy_3seeds", TOY)
@@ -259,7 +804,17 @@ def toy_3seeds():
     results = load(TOY)
     ranks = results["ranks"]
     lines = [header(["method", "lr"] + ranks_head(ranks) + ["AURAC log2", "AURAC linear", "train TFLOPs"])]
-    body, accs = acc_rows(results, list(results["methods"]))
+    body, accs = [], []
+    for m in results["methods"]:
+        rs = runs(results, m)
+        cells = [f"`{m}`", f"{results['config']['lr'][m]:g}"]
+        for i in range(len(ranks)):
+            values = [r["acc"][i] for r in rs]
+            accs += values
+            cells.append(pm(values))
+        cells += [pm([r["aurac_log2"] for r in rs]), pm([r["aurac_linear"] for r in rs]),
+                  f"{mean([r['train_flops'] for r in rs]) / 1e12:.2f}"]
+        body.append(row(cells))
     base = results["base"]["acc"]
     lines += body + [row(["base (no adapter)", "-"] + [f"{base:.4f}"] * (len(ranks) + 2) + ["0"])]
     return "\n".join(lines) + "\n\n" + noise_note(accs, results["config"]["eval_chars"], len(results["seeds"]))
@@ -293,7 +848,12 @@ def toy_seed0():
             lines.append(row([f"`{m}`", lr if isinstance(lr, str) else f"{lr:g}"] + [f"{a:.4f}" for a in r["acc"]]
                              + [f"{r['aurac_log2']:.4f}", f"{r['aurac_linear']:.4f}",
                                 f"{r['train_flops'] / 1e12:.2f}"]))
-    return ("\n".join(lines) + "\n\nOne seed (0), one evaluation: no spread. "
+    single = [m for source in (load(ORACLE), load(NESTED)) for m in source["methods"]
+              if len(source["seeds"]) == 1 and not (m == "nested" and all(
+                  os.path.exists(os.path.join(ASSETS, a)) for a in NESTED_MORE))]
+    return ("\n".join(lines) + "\n\nSeed 0 of every row, one evaluation: no spread. "
+            + (f"Only seed 0 exists for {', '.join(f'`{m}`' for m in single)}, so no verdict involves it; the "
+               f"other rows have 3 seeds (section 4). " if single else "")
             + noise_note(accs, results["config"]["eval_chars"]))
 
 
@@ -305,21 +865,11 @@ PAIRS = [("dylora", "matryoshka"), ("stratified", "matryoshka"), ("stratified", 
 def toy_differences():
     results = load(TOY)
     ranks = results["ranks"]
-    lines = [header(["difference"] + ranks_head(ranks) + ["AURAC log2"])]
-    for a, b in PAIRS:
-        ra, rb = runs(results, a), runs(results, b)
-        cells = [f"`{a}` - `{b}`"]
-        for i in range(len(ranks)):
-            xa, xb = [r["acc"][i] for r in ra], [r["acc"][i] for r in rb]
-            cells.append(f"{mean(xa) - mean(xb):+.4f} (t {welch_t(xa, xb):.1f})")
-        xa, xb = [r["aurac_log2"] for r in ra], [r["aurac_log2"] for r in rb]
-        cells.append(f"{mean(xa) - mean(xb):+.4f} (t {welch_t(xa, xb):.1f})")
-        lines.append(row(cells))
-    n_seeds = len(results["seeds"])
-    return "\n".join(lines) + (
-        f"\n\nDifference of the means over {n_seeds} seeds, with Welch's t in brackets. With {n_seeds} seeds "
-        f"against {n_seeds}, |t| > {T_CRIT_3V3} is a difference at the 5% level whatever Welch's degrees of "
-        f"freedom (2 to 4); this project calls a method better only there.")
+    data = {m: {r["seed"]: r["acc"] for r in runs(results, m)} for m in results["methods"]}
+    v = verdicts(data, ranks, resolution=1 / results["config"]["eval_chars"])
+    return verdict_table(v, PAIRS) + (
+        f"\n\nEach cell: mean over the {len(results['seeds'])} seeds of a - b, the paired t, and the verdict "
+        f"for a under the rule of section 0 (|t| > {t_critical(len(results['seeds']) - 1):.3f}).")
 
 
 @table("toy_steps", TOY)
@@ -328,143 +878,193 @@ def toy_steps():
     methods = list(results["methods"])
     steps = results["methods"][methods[0]]["curve"]["steps"]
     lines = [header(["method"] + [f"step {s}" for s in steps])]
+    data = {}
     for m in methods:
         rs = runs(results, m)
         lines.append(row([f"`{m}`"] + [pm([r["curve"][i]["aurac_log2"] for r in rs]) for i in range(len(steps))]))
-    s, d = runs(results, "stratified"), runs(results, "dylora")
-    lines.append(row(["`stratified` - `dylora` (Welch t)"] + [
-        f"{mean(x) - mean(y):+.4f} (t {welch_t(x, y):.1f})"
-        for x, y in ([[r["curve"][i]["aurac_log2"] for r in s], [r["curve"][i]["aurac_log2"] for r in d]]
-                     for i in range(len(steps)))]))
+        data[m] = {r["seed"]: [r["curve"][i]["aurac_log2"] for i in range(len(steps))] for r in rs}
+    v = verdicts(data, steps, aurac_scale=None, column_names=[f"step {s}" for s in steps],
+                 resolution=1 / results["config"]["eval_chars"])
+    lines.append(row(["`stratified` vs `dylora`"] + [cell_text(compare(v, "stratified", "dylora", c))
+                                                     for c in v["columns"]]))
+    lines.append(row(["best or tied-best"] + [", ".join(f"`{m}`" for m in v["winners"][c]) for c in v["columns"]]))
     return "\n".join(lines) + (f"\n\nAURAC (log2) of test accuracy after n fine-tuning steps, mean ± std over "
-                               f"{len(results['seeds'])} seeds. The rate is constant after warm-up and batches are "
-                               f"keyed by step, so the value at step n is that of a run of n steps.")
+                               f"{len(results['seeds'])} seeds; the last two rows apply the rule of section 0 at "
+                               f"each step. The rate is constant after warm-up and batches are keyed by step, so "
+                               f"the value at step n is that of a run of n steps.")
 
 
 # -----------------------------------------------------------------------------
 # the post-hoc SVD baseline beside the nested methods (train_toy.py lora-svd, --svd)
 
-OPTIONAL_SVD = {   # row label -> [(asset, method)]: runs pooled over assets (one seed each, say)
-    "`stratified+svd`": [("toy_results_stratified_svd.json", "stratified+svd")],
-    "`dylora+svd`": [("toy_results_dylora_svd.json", "dylora+svd")],
-    "`nested` (6 forwards per step)": [(NESTED, "nested"), ("toy_results_nested_seed1.json", "nested"),
-                                       ("toy_results_nested_seed2.json", "nested")],
-}
-
-
-def svd_rows():
-    """[(label, scaling, lr, per-seed runs, extra GFLOPs)] for every row of the SVD comparison."""
-    toy, sq, no = load(TOY), load(SVD_SQRT), load(SVD_NONE)
-    for source in (sq, no):
-        if source["ranks"] != toy["ranks"] or source["config"]["eval_chars"] != toy["config"]["eval_chars"] \
-                or source["base"]["acc"] != toy["base"]["acc"]:
-            raise ValueError("the SVD runs were not evaluated on the same base model, ranks and test set")
-    out = []
-
-    def add(label, source, method):
-        rs = runs(source, method)
-        extra = mean([r.get("posthoc_flops", 0) for r in rs]) / 1e9
-        out.append((label, source["config"]["scaling"], source["config"]["lr"].get(method.split("+")[0]), rs, extra))
-
-    add("`lora`", toy, "lora")
-    add("`lora-svd`", sq, "lora-svd")
-    add("`lora`", no, "lora")
-    add("`lora-svd`", no, "lora-svd")
-    for m in ("dylora", "matryoshka", "stratified"):
-        add(f"`{m}`", toy, m)
-    for label, parts in OPTIONAL_SVD.items():
-        present = [(load(a), m) for a, m in parts if os.path.exists(os.path.join(ASSETS, a))]
-        if len(present) == len(parts):
-            rs = [r for source, m in present for r in runs(source, m)]
-            extra = mean([r.get("posthoc_flops", 0) for r in rs]) / 1e9
-            out.append((label, present[0][0]["config"]["scaling"], present[0][0]["config"]["lr"].get(
-                parts[0][1].split("+")[0]), rs, extra))
-    return toy["ranks"], out
-
 
 @table("svd_comparison", TOY, SVD_SQRT, SVD_NONE)
 def svd_comparison():
-    ranks, rows_ = svd_rows()
+    ranks, rows_ = toy_rows()
     lines = [header(["method", "scaling", "lr", "seeds"] + ranks_head(ranks)
                     + ["AURAC log2", "train TFLOPs", "post-hoc GFLOPs"])]
     accs = []
-    for label, scaling, lr, rs, extra in rows_:
-        accs += [a for r in rs for a in r["acc"]]
-        lines.append(row([label, scaling, f"{lr:g}", len(rs)] + [pm([r["acc"][i] for r in rs])
-                                                                 for i in range(len(ranks))]
-                         + [pm([r["aurac_log2"] for r in rs]), f"{mean([r['train_flops'] for r in rs]) / 1e12:.2f}",
-                            f"{extra:.0f}" if extra else "-"]))
+    for r in rows_:
+        rs = r["runs"]
+        if len(rs) < 2:
+            continue   # the per-rank LoRAs: seed 0 only, in the seed-0 table
+        accs += [a for x in rs for a in x["acc"]]
+        lines.append(row([r["label"], r["scaling"], f"{r['lr']:g}", len(rs)]
+                         + [pm([x["acc"][i] for x in rs]) for i in range(len(ranks))]
+                         + [pm([x["aurac_log2"] for x in rs]), f"{r['tflops']:.2f}",
+                            f"{r['posthoc']:.0f}" if r["posthoc"] else "-"]))
     return "\n".join(lines) + "\n\n" + noise_note(accs, load(TOY)["config"]["eval_chars"], 3) + (
         " `-svd` / `+svd`: the trained adapter re-ordered by `mlora.svd_reorder`, calibrated on "
         f"{load(SVD_SQRT)['config']['svd_calibration_chars']:,} characters of the training split (whitened SVD); "
         "its cost is the post-hoc column. Rates: each method at the one rate shown, not swept here.")
 
 
-@table("svd_winners", TOY, SVD_SQRT, SVD_NONE)
-def svd_winners():
-    ranks, rows_ = svd_rows()
-    full = [r for r in rows_ if len(r[3]) == 3]   # only rows with 3 seeds
-    base = lambda r: r[0].strip("`").split("`")[0].split(" ")[0]
-    groups = {"one-forward hierarchy": [r for r in full if base(r) in ("dylora", "matryoshka", "stratified")],
-              "exact nested (6 forwards)": [r for r in full if base(r) == "nested"],
-              "hierarchy + SVD": [r for r in full if r[0].endswith("+svd`")],
-              "LoRA + SVD": [r for r in full if r[0] == "`lora-svd`"]}
-    groups = {g: rs for g, rs in groups.items() if rs}
-    versus = [g for g in groups if g != "LoRA + SVD"]
-
-    def name(r):
-        return f"{r[0].split(' (')[0]} ({r[1]}, {r[2]:g})"
-
-    def verdict(t):
-        return "tie" if abs(t) <= T_CRIT_3V3 else ("**hierarchy**" if t > 0 else "**SVD**")
-
-    lines = [header(["rank"] + [f"best {g}" for g in groups] + [f"{g} - LoRA + SVD (t): winner" for g in versus])]
-    for i, k in enumerate(ranks + ["AURAC log2"]):
-        value = (lambda r: [x["aurac_log2"] for x in r[3]]) if k == "AURAC log2" else \
-            (lambda r, i=i: [x["acc"][i] for x in r[3]])
-        best = {g: max(rs, key=lambda r: mean(value(r))) for g, rs in groups.items()}
-        svd = value(best["LoRA + SVD"])
-        cells = [k] + [f"{name(best[g])} {mean(value(best[g])):.4f}" for g in groups]
-        for g in versus:
-            a = value(best[g])
-            t = welch_t(a, svd)
-            cells.append(f"{mean(a) - mean(svd):+.4f} ({t:.1f}): {verdict(t)}")
-        lines.append(row(cells))
-    return "\n".join(lines) + (
-        f"\n\nEach cell: the row with the highest 3-seed mean within its group (rows of the table above with 3 "
-        f"seeds), then its difference from the best LoRA + SVD row with Welch's t. A winner needs |t| > "
-        f"{T_CRIT_3V3}, as above; the test-set noise (binomial SE about 0.004 per accuracy, the same text for "
-        "every method) is not in t.")
+@table("toy_consistency", TOY, SVD_SQRT)
+def toy_consistency():
+    """The same LoRA runs recorded twice (the 3-seed file and the later SVD file): how far apart."""
+    a, b = load(TOY), load(SVD_SQRT)
+    ra, rb = runs(a, "lora"), runs(b, "lora")
+    diffs = [abs(x - y) for p, q in zip(ra, rb) for x, y in zip(p["acc"], q["acc"])]
+    n = a["config"]["eval_chars"]
+    moved = sum(d > 0 for d in diffs)
+    return (f"The `lora` runs of `assets/{TOY}` were trained again for `assets/{SVD_SQRT}` (same method, rate, "
+            f"seeds and base-model config): {moved} of {len(diffs)} per-rank accuracies differ, by at most "
+            f"{max(diffs):.6f} ({max(diffs) * n:.0f} of {n:,} test characters), so rows from the two "
+            f"generations of files are set side by side.")
 
 
-ONE_FORWARD = "one_forward_study.json"   # scripts/one_forward_study.py
+# -----------------------------------------------------------------------------
+# the one-forward question on a planted problem (scripts/one_forward_study.py)
+
+
+def one_forward_analysis():
+    """(artifact, ranks, verdicts over every trained row, the reference row: the exact nested
+    objective at its scaling with the highest mean AURAC)."""
+    d = load(ONE_FORWARD)
+    ranks, seeds = d["ranks"], [str(s) for s in d["config"]["seeds"]]
+    data = {}
+    for name, r in d["results"].items():
+        if r["per_seed"] is None:
+            continue   # the Eckart-Young optimum: a ceiling computed in closed form, not a trained row
+        for s in seeds:
+            stored = r["per_seed"][s]["aurac"]
+            if not math.isclose(stored, aurac(ranks, r["per_seed"][s]["scores"]), abs_tol=1e-9):
+                raise ValueError(f"{name} seed {s}: stored aurac {stored} is not the log2 trapezoid of its scores")
+        data[name] = {s: r["per_seed"][s]["scores"] for s in seeds}
+    v = verdicts(data, ranks, resolution=ONE_FORWARD_RESOLUTION)
+    nested = [n for n in v["tested"] if n.startswith("nested")]
+    if not nested:
+        raise ValueError(f"{ONE_FORWARD} holds no nested row to compare against")
+    ref = max(nested, key=lambda n: v["mean"][n][v["columns"][-1]])
+    return d, ranks, v, ref
+
+
+def one_forward_kind(name):
+    if name.startswith("nested"):
+        return "nested"
+    if " + " in name and "SVD" in name:
+        return "post-hoc SVD"
+    return "one-forward training"
 
 
 @table("one_forward", ONE_FORWARD)
 def one_forward():
-    d = load(ONE_FORWARD)
-    ranks, res = d["ranks"], d["results"]
-    ref = res["nested (|S| forwards) [none]"]
+    d, ranks, v, ref = one_forward_analysis()
+    res, aur = d["results"], v["columns"][-1]
     lines = [header(["method [scaling]", "lr per seed"] + ranks_head(ranks)
-                    + ["AURAC log2", "vs exact nested [none], paired"])]
+                    + ["AURAC log2", f"vs {ref}: AURAC log2, paired"])]
     for name, r in sorted(res.items(), key=lambda kv: -kv[1]["aurac"]):
-        if r["per_seed"] is None:
-            paired = "-"
-        else:
-            diffs = [r["per_seed"][str(s)]["aurac"] - ref["per_seed"][str(s)]["aurac"] for s in d["config"]["seeds"]]
-            paired = f"{mean(diffs):+.4f} ± {std(diffs):.4f}"
+        paired = "-" if r["per_seed"] is None or name == ref else cell_text(compare(v, name, ref, aur))
         lrs = "-" if r["lrs"] is None else "/".join(f"{x:g}" for x in r["lrs"])
-        lines.append(row([name, lrs] + [f"{v:.3f}" for v in r["scores"]]
+        lines.append(row([name, lrs] + [f"{x:.3f}" for x in r["scores"]]
                          + [f"{r['aurac']:.4f} ± {r['aurac_std']:.4f}", paired]))
     c, p = d["config"], d["provenance"]
     return "\n".join(lines) + (
         f"\n\nScore at rank k: the fraction of the base model's output error that the rank-k adapter removes "
         f"(1 = the target). Mean over {len(c['seeds'])} seeds, each a different random problem (d = {c['d']}, "
         f"rank {c['rank']}, {c['steps']} Adam steps of batch {c['batch']}); ± is the std over seeds, which mostly "
-        f"measures how the problems differ, so the last column gives each method's AURAC minus the exact nested "
-        f"objective's on the same problem. Each row's rate is picked per seed from {c['lrs']} by its own AURAC: "
-        f"the population score, the same quantity reported. Run: `{p['command']}` at commit `{p['commit'][:10]}`"
-        + (" (with uncommitted changes)" if p["dirty"] else "") + f", {p['cpu']}, torch {p['torch']}, {p['date']}.")
+        f"measures how the problems differ, so the last column compares each row with the exact nested "
+        f"objective on the same problems (paired t and verdict, the rule of section 0; the reference is the "
+        f"nested row with the higher mean AURAC). Each row's rate is picked per seed from {c['lrs']} by its own "
+        f"AURAC: the population score, the same quantity reported. Run: `{p['command']}` at commit "
+        f"`{p['commit'][:10]}`" + (" (with uncommitted changes)" if p["dirty"] else "")
+        + f", {p['cpu']}, torch {p['torch']}, {p['date']}.")
+
+
+@table("one_forward_winners", ONE_FORWARD)
+def one_forward_winners():
+    d, ranks, v, ref = one_forward_analysis()
+    return winners_table(v, label=lambda n: n, digits=3)
+
+
+def one_forward_contrasts_list(v):
+    """(a, b, what) pairs: scaling sqrt vs none; whitened vs weight-norm SVD; post-hoc SVD vs as trained."""
+    names, out = set(v["tested"]), []
+    for n in v["tested"]:
+        if n.endswith(" [sqrt]") and n[:-7] + " [none]" in names:
+            out.append((n, n[:-7] + " [none]", "scaling: sqrt - none"))
+    for n in v["tested"]:
+        if "whitened SVD" in n and n.replace("whitened SVD", "SVD") in names:
+            out.append((n, n.replace("whitened SVD", "SVD"), "whitened - weight-norm SVD"))
+    for n in v["tested"]:
+        if one_forward_kind(n) == "post-hoc SVD":
+            trained = n.split(" + ")[0] + " [" + n.rsplit(" [", 1)[1]
+            if trained in names:
+                out.append((n, trained, "post-hoc SVD - as trained"))
+    return out
+
+
+@table("one_forward_contrasts", ONE_FORWARD)
+def one_forward_contrasts():
+    d, ranks, v, ref = one_forward_analysis()
+    lines = [header(["contrast", "a vs b"] + v["columns"])]
+    for a, b, what in one_forward_contrasts_list(v):
+        lines.append(row([what, f"{a} vs {b}"] + [cell_text(compare(v, a, b, c)) for c in v["columns"]]))
+    return "\n".join(lines) + ("\n\nEach cell: mean over the 3 problems of a - b, the paired t, and the verdict "
+                               "for a under the rule of section 0. Each row is at its own rate, picked per seed, so "
+                               "the two rows of a contrast can come from trainings at different rates.")
+
+
+@table("one_forward_findings", ONE_FORWARD)
+def one_forward_findings():
+    d, ranks, v, ref = one_forward_analysis()
+    aur = v["columns"][-1]
+    lines = []
+    for kind in ("one-forward training", "post-hoc SVD"):
+        groups = {}
+        for n in v["tested"]:
+            if one_forward_kind(n) == kind:
+                groups.setdefault(compare(v, n, ref, aur)["verdict"], []).append(n)
+        text = "; ".join(f"{verdict}: " + ", ".join(f"{n} ({compare(v, n, ref, aur)['diff']:+.4f})"
+                                                    for n in sorted(groups[verdict], key=lambda n: -v["mean"][n][aur]))
+                         for verdict in ("wins", "ties", "loses") if verdict in groups)
+        lines.append(f"- {kind[0].upper() + kind[1:]} rows against the exact nested objective ({ref}), {aur}: "
+                     f"{text}.")
+    by_what = {}
+    for a, b, what in one_forward_contrasts_list(v):
+        if what.startswith("scaling"):
+            cell = compare(v, a, b, aur)
+            by_what.setdefault(cell["verdict"], []).append(f"{a[:-7]} ({cell['diff']:+.4f})")
+    lines.append(f"- sqrt against no scaling, {aur}: " + "; ".join(
+        f"{verdict} for {', '.join(ns)}" for verdict, ns in sorted(by_what.items())) + ".")
+    same = []
+    for a, b in itertools.combinations(v["tested"], 2):
+        if all(abs(v["values"][a][c][s] - v["values"][b][c][s]) <= ONE_FORWARD_RESOLUTION
+               for c in v["columns"] for s in v["values"][a][c]):
+            same.append(f"{a} = {b}")
+    if same:
+        lines.append(f"- Rows whose per-seed scores agree within the resolution ({ONE_FORWARD_RESOLUTION:g}) at "
+                     f"every rank and seed: " + "; ".join(same) + ".")
+    lrs = d["config"]["lrs"]
+    for edge, lr in (("lowest", min(lrs)), ("highest", max(lrs))):
+        at = []
+        for n in v["tested"]:
+            k = sum(math.isclose(r["lr"], lr) for r in d["results"][n]["per_seed"].values())
+            if k:
+                at.append(f"{n} ({k} of {len(d['results'][n]['per_seed'])} seeds)")
+        lines.append(f"- Picked rate at the {edge} grid point ({lr:g}), so that row might do better beyond it: "
+                     + (", ".join(at) if at else "none") + ".")
+    return "\n".join(lines)
 
 
 # -----------------------------------------------------------------------------
@@ -490,6 +1090,16 @@ def budget_table():
           f"{b['wall_seconds']:.0f} s wall time.")
 
 
+@table("budget_findings", BUDGET)
+def budget_findings():
+    b = load(BUDGET)
+    loss = ", ".join(f"k={r['k']} {r['test_loss_mix'] - r['test_loss_uniform']:+.4f}" for r in b["rows"])
+    acc = ", ".join(f"k={r['k']} {r['test_acc_mix'] - r['test_acc_uniform']:+.4f}" for r in b["rows"])
+    return (f"Mix minus uniform, test loss: {loss}; test accuracy: {acc}. One seed, so the rule of section 0 "
+            f"gives no verdict here (it needs at least 2 seeds); `assets/{BUDGET}` also holds the ranks chosen "
+            f"per layer.")
+
+
 # -----------------------------------------------------------------------------
 # speed and memory (bench.py)
 
@@ -498,6 +1108,7 @@ def budget_table():
 def bench_table():
     b = load(BENCH)
     rows, n_runs = b["train"]["rows"], len(b["train"]["rows"]["lora_ref"]["runs"])
+    notes = b["train"].get("notes", {})
 
     def fmt(value):
         if isinstance(value, float):
@@ -508,20 +1119,23 @@ def bench_table():
 
     lines = [header(["training step", f"time ratio vs `lora_ref`: median [min, max] over {n_runs} runs"])]
     for name, r in rows.items():
-        lines.append(row([f"`{name}`", f"{r['ratio']:.3f} [{r['ratio_min']:.3f}, {r['ratio_max']:.3f}]"]))
+        mark = " (timed apart from the balanced rounds)" if name in notes else ""
+        lines.append(row([f"`{name}`{mark}", f"{r['ratio']:.3f} [{r['ratio_min']:.3f}, {r['ratio_max']:.3f}]"]))
     lines += ["", header(["target", "median", "range over runs", "met"])]
     for name, t in b["targets"].items():
-        span = f"[{fmt(t['range'][0])}, {fmt(t['range'][1])}]" if t.get("range") else "-"
+        span_ = f"[{fmt(t['range'][0])}, {fmt(t['range'][1])}]" if t.get("range") else "-"
         met = {True: "yes", False: "no", None: "not judged"}[t["met"]]
-        lines.append(row([f"{name} ({t['target']})", fmt(t["value"]), span, met]))
+        lines.append(row([f"{name} ({t['target']})", fmt(t["value"]), span_, met]))
     mm = b.get("merge_memory")
     if mm:   # the extra memory merge costs, in both modes
-        mb = lambda n: f"{n / 2 ** 20:.1f} MB"
+        def mb(n):
+            return f"{n / 2 ** 20:.1f} MB"
         lines += ["", header(["`merge(model, k, keep_original=...)`", "peak extra memory", "kept while merged",
                               "unmerge: max abs error"])]
         for keep in (False, True):
             r = mm[f"keep_original_{keep}"]
-            lines.append(row([f"`{keep}`", mb(r["peak_bytes"]), mb(r["kept_bytes"]), f"{r['unmerge_max_abs_error']:.2e}"]))
+            lines.append(row([f"`{keep}`", mb(r["peak_bytes"]), mb(r["kept_bytes"]),
+                              f"{r['unmerge_max_abs_error']:.2e}"]))
         lines += ["", f"{mm['n_weights']} adapted float32 weights, {mb(mm['adapted_weight_bytes'])} in all, largest "
                       f"{mb(mm['largest_weight_bytes'])}, merged at rank {mm['rank']}. Measured: {mm['how']}."]
     noise, m, git = b["noise"], b["machine"], b["git"]
@@ -531,7 +1145,153 @@ def bench_table():
         f"{noise['inference_aa']['ratio']:.3f} [{noise['inference_aa']['min']:.3f}, {noise['inference_aa']['max']:.3f}]"
         f"; a ratio closer to 1 than that says nothing. Run: `{b['command']}` at commit `{git['commit'][:10]}`"
         + (" (with uncommitted changes)" if git["dirty"] else "")
-        + f", {m['device']}, {m['threads']} thread(s), torch {m['torch']}, {b['date']}.")
+        + f", {m['device']}, {m['threads']} thread(s), torch {m['torch']}, {b['date']}"
+        + (f", {b['wall_s']:.0f} s wall time" if b.get("wall_s") else "") + ".")
+
+
+@table("bench_protocol", BENCH)
+def bench_protocol():
+    b = load(BENCH)
+    if not b["train"].get("orders"):
+        return f"`assets/{BENCH}` does not record the order of its rounds, so which variants were balanced is unknown."
+    rounds = sorted({name for run in b["train"]["orders"] for order in run for name in order})
+    apart = [n for n in b["train"]["rows"] if n not in rounds]
+    notes = b["train"].get("notes", {})
+    text = (f"In `assets/{BENCH}`, the training-step variants in the balanced rounds are "
+            + ", ".join(f"`{n}`" for n in b["train"]["rows"] if n in rounds) + ".")
+    if apart:
+        text += (" Timed outside those rounds, so the balanced order does not cover them: "
+                 + "; ".join(f"`{n}` ({notes.get(n, 'no note recorded')})" for n in apart) + ".")
+    return text
+
+
+# -----------------------------------------------------------------------------
+# the tuned comparison (scripts/sweep.py -> assets/toy_sweep.json)
+
+
+def _sweep_module():
+    """scripts/sweep.py, for its selection rule (pick) and run names: one rule, in one place."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sweep.py")
+    spec = importlib.util.spec_from_file_location("mlora_sweep_rules", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SWEEP_ROWS = ("lora", "lora-svd", "dylora", "matryoshka", "stratified", "nested")
+
+
+def sweep_analysis(artifact):
+    """(ranks, rows, pending) of a sweep artifact: one row per method at its pick with every seed
+    found (seed 0 = the grid run, then the final seeds), the per-rank LoRAs at their per-rank
+    picks, and nested at equal compute. rows: {name: dict(seeds {seed: acc}, pick, tried, tflops)}.
+    A row missing a seed is left out and named in pending."""
+    sw = _sweep_module()
+    all_runs = artifact.get("runs") if isinstance(artifact, dict) else None
+    if not isinstance(all_runs, dict):
+        raise ValueError("not a sweep artifact: no 'runs' object")
+    if not all_runs:
+        return None, {}, ["no run recorded yet"]
+    steps = max(r["steps"] for r in all_runs.values())
+    full = [r for r in all_runs.values() if r["method"] != "lora-per-rank"]
+    ranks = full[0]["ranks"] if full else None
+    seeds = (0,) + tuple(sw.FINAL_SEEDS)
+    rows, pending = {}, []
+
+    def flops(records, row_name):
+        return mean([r["results"][row_name]["train_flops"] for r in records]) / 1e12
+
+    for name in SWEEP_ROWS:
+        choice = sw.pick(all_runs, name, steps)
+        if choice is None:
+            pending.append(f"{name}: no grid run yet")
+            continue
+        lr, scaling = choice
+        trained = "lora" if name == "lora-svd" else name
+        got = {s: all_runs.get(sw.run_key(trained, lr, scaling, s, steps)) for s in seeds}
+        grid = sw.grid_records(all_runs, name, steps)
+        tried = sorted(r["lr"] for r in grid if r["scaling"] == scaling)
+        planned = {(sc, float(f"{x:.3g}")) for sc in sw.SCALINGS for x in sw.GRID_LRS}
+        done = planned & {(r["scaling"], r["lr"]) for r in grid}
+        info = dict(pick=(scaling, lr), tried=tried, bracketing=sw.next_rates(all_runs, name, steps),
+                    grid=(len(done), len(planned)))
+        label = f"{name} [{scaling}, {lr_text(lr)}]"
+        if any(r is None for r in got.values()):
+            pending.append(f"{label}: seed(s) {[s for s, r in got.items() if r is None]} not run yet")
+            rows[label] = dict(info, seeds=None)
+            continue
+        rows[label] = dict(info, seeds={s: r["results"][name]["acc"] for s, r in got.items()},
+                           tflops=flops(list(got.values()), name))
+        if info["grid"][0] < info["grid"][1] or info["bracketing"]:
+            pending.append(f"{label}: its grid or bracketing is not finished, so the pick may still change")
+        if name == "nested":   # the same pick for fewer steps: the FLOPs of one LoRA training
+            equal = sorted({r["steps"] for r in all_runs.values() if r["method"] == "nested" and r["steps"] < steps
+                            and math.isclose(r["lr"], lr) and r["scaling"] == scaling})
+            for n_steps in equal:
+                recs = {s: all_runs.get(sw.run_key("nested", lr, scaling, s, n_steps)) for s in seeds}
+                label = f"nested [{scaling}, {lr_text(lr)}], {n_steps} steps (equal compute)"
+                if all(recs.values()):
+                    rows[label] = dict(pick=(scaling, lr), tried=tried, bracketing=[],
+                                       seeds={s: r["results"]["nested"]["acc"] for s, r in recs.items()},
+                                       tflops=flops(list(recs.values()), "nested"))
+                else:
+                    pending.append(f"{label}: seed(s) {[s for s, r in recs.items() if r is None]} not run yet")
+    if ranks:
+        per_rank, complete = {s: [] for s in seeds}, True
+        picks = []
+        for k in ranks:
+            choice = sw.pick(all_runs, "lora-per-rank", steps, k)
+            if choice is None:
+                complete = False
+                break
+            picks.append(choice)
+            for s in seeds:
+                r = all_runs.get(sw.run_key("lora-per-rank", choice[0], choice[1], s, steps, k))
+                if r is None:
+                    complete = False
+                    break
+                per_rank[s].append(r["results"]["lora-per-rank"]["acc"][0])
+        if complete:
+            rows["lora-per-rank [per-rank picks]"] = dict(
+                pick=None, tried=None, bracketing=[], picks=picks, seeds=per_rank, tflops=None)
+        else:
+            pending.append("lora-per-rank: a rank without its pick or a seed")
+    return ranks, rows, pending
+
+
+@table("sweep_picks", SWEEP)
+def sweep_picks():
+    artifact = load(SWEEP)
+    ranks, rows_, pending = sweep_analysis(artifact)
+    lines = [header(["row", "grid points run", "pick so far (scaling, lr)", "rates tried at that scaling",
+                     "bracketing", "test seeds"])]
+    for name, r in rows_.items():
+        if r["pick"] is None:
+            picks = ", ".join(f"r={k}: {lr_text(lr)}" for k, (lr, _) in zip(ranks, r["picks"]))
+            lines.append(row([f"`{name}`", "per rank", picks, "-", "-", len(r["seeds"])]))
+            continue
+        br = "done" if not r["bracketing"] else \
+            "next: " + ", ".join(f"{lr_text(lr)} ({s})" for lr, s in r["bracketing"])
+        grid = "{} of {}".format(*r["grid"]) if r.get("grid") else "-"
+        lines.append(row([f"`{name}`", grid, f"({r['pick'][0]}, {lr_text(r['pick'][1])})",
+                          ", ".join(lr_text(x) for x in r["tried"]), br,
+                          len(r["seeds"]) if r["seeds"] else "incomplete"]))
+    s = artifact.get("sessions") or [{}]
+    return "\n".join(lines) + (
+        f"\n\nPicks by scripts/sweep.py's own rule (validation AURAC log2 of its seed-0 grid runs). "
+        f"{len(artifact['runs'])} runs recorded; still to come: " + ("; ".join(pending) if pending else "nothing")
+        + f". Sessions: {len(s)}, the last `{s[-1].get('command')}` at commit `{(s[-1].get('commit') or '?')[:10]}`"
+        f", {s[-1].get('cpu')}, torch {s[-1].get('torch')}, {s[-1].get('date')}.")
+
+
+@table("sweep_winners", SWEEP, TOY)
+def sweep_winners():
+    ranks, rows_, pending = sweep_analysis(load(SWEEP))
+    data = {n: r["seeds"] for n, r in rows_.items() if r["seeds"]}
+    if len(data) < 2:
+        return "Fewer than two rows have every seed yet: no verdict. Still to come: " + "; ".join(pending) + "."
+    v = verdicts(data, ranks, resolution=1 / load(TOY)["config"]["eval_chars"])   # train_toy's test split
+    return winners_table(v) + ("" if not pending else " Rows still incomplete: " + "; ".join(pending) + ".")
 
 
 # -----------------------------------------------------------------------------
@@ -541,25 +1301,35 @@ def bench_table():
 def plots():
     """assets/toy_rank_accuracy.png and assets/toy_aurac_vs_steps.png, from the JSON alone."""
     import matplotlib
-    matplotlib.use("Agg")   # files only
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, FixedLocator
+    matplotlib.use("Agg")   # files only, before pyplot is imported
+    import matplotlib.pyplot as plt  # noqa: I001
+    from matplotlib.ticker import FixedLocator, FuncFormatter
 
-    results, oracle, nested = load(TOY), load(ORACLE), load(NESTED)
-    ranks, n_seeds = results["ranks"], len(results["seeds"])
+    results = load(TOY)
+    ranks, by_key, _, display = toy_analysis()
+    n_seeds = len(results["seeds"])
     se = binomial_se(results["base"]["acc"], results["config"]["eval_chars"])
-    colors = {m: f"C{i}" for i, m in enumerate(list(results["methods"]) + ["nested", "lora-per-rank"])}
+    def strip(key):
+        return display(key).replace("`", "")
+    shown = [k for k, r in by_key.items() if not r["method"].endswith("+svd")]
+    # one colour per training run (lora and its SVD re-ordering share theirs), the line style tells them apart
+    runs_of = {k: (by_key[k]["scaling"], by_key[k]["lr"]) if by_key[k]["method"] in ("lora", "lora-svd")
+               else by_key[k]["method"] for k in shown}
+    palette = {}
+    for k in shown:
+        palette.setdefault(runs_of[k], f"C{len(palette)}")
+    colors = {k: palette[runs_of[k]] for k in shown}
+    style = {"lora-svd": "-.", "lora-per-rank": "--"}
 
-    fig, ax = plt.subplots(figsize=(7.2, 4.6))
-    for m in results["methods"]:
-        rs = runs(results, m)
+    fig, ax = plt.subplots(figsize=(9.8, 5.0))
+    for key in shown:
+        rs = by_key[key]["runs"]
+        method = by_key[key]["method"]
         accs = [[r["acc"][i] for r in rs] for i in range(len(ranks))]
-        ax.errorbar(ranks, [mean(a) for a in accs], yerr=[std(a) for a in accs], marker="o", ms=4, capsize=3,
-                    color=colors[m], label=f"{m} ({n_seeds} seeds)")
-    for other in (nested, oracle):
-        (m,) = other["methods"]
-        ax.plot(ranks, other["methods"][m]["per_seed"]["0"]["acc"], ls="--", marker="s", ms=4, color=colors[m],
-                label=f"{m} (seed 0 only)")
+        label = f"{strip(key)} ({len(rs)} seed{'s' if len(rs) > 1 else ''})"
+        ax.errorbar(ranks, [mean(a) for a in accs], yerr=[std(a) for a in accs] if len(rs) > 1 else None,
+                    marker="s" if len(rs) == 1 else "o", ms=4, capsize=3, color=colors[key],
+                    ls=style.get(method, "-"), label=label)
     ax.axhline(results["base"]["acc"], color="gray", ls=":", lw=1, label="base model, no adapter")
     ax.set_xscale("log", base=2)
     ax.set_xticks(ranks, [str(k) for k in ranks])
@@ -567,25 +1337,31 @@ def plots():
     ax.set_title(f"Rank-accuracy curves. Error bars: std over {n_seeds} seeds.\n"
                  f"Evaluation SE of one accuracy (about {se:.3f}) is not in the bars.", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(os.path.join(ASSETS, "toy_rank_accuracy.png"), dpi=100)
     plt.close(fig)
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11.5, 4.4), sharey=True)
-    for m in results["methods"]:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11.5, 4.6), sharey=True)
+    curve_methods = [m for m in results["methods"]]
+    toy_colors = {by_key[k]["method"]: colors[k] for k in shown if by_key[k]["assets"] == [TOY]}
+    for m in curve_methods:
         rs = runs(results, m)
         steps = [c["step"] for c in rs[0]["curve"]]
         values = [[r["curve"][i]["aurac_log2"] for r in rs] for i in range(len(steps))]
         tflops = [mean([r["curve"][i]["train_flops"] for r in rs]) / 1e12 for i in range(len(steps))]
-        kw = dict(marker="o", ms=4, capsize=3, color=colors[m], label=f"{m} ({n_seeds} seeds)")
+        kw = dict(marker="o", ms=4, capsize=3, color=toy_colors[m], label=f"{m} ({n_seeds} seeds)")
         left.errorbar(steps, [mean(v) for v in values], yerr=[std(v) for v in values], **kw)
         right.errorbar(tflops, [mean(v) for v in values], yerr=[std(v) for v in values], **kw)
-    for other in (nested, oracle):
-        (m,) = other["methods"]
-        r = other["methods"][m]["per_seed"]["0"]
-        right.plot([r["train_flops"] / 1e12], [r["aurac_log2"]], marker="s", ms=6, ls="none", color=colors[m],
-                   label=f"{m} (seed 0 only, 300 steps)")
+    for key in shown:
+        r = by_key[key]
+        if r["method"] not in ("nested", "lora-per-rank"):
+            continue
+        values = [x["aurac_log2"] for x in r["runs"]]
+        n = len(values)
+        right.errorbar([r["tflops"]], [mean(values)], yerr=[std(values)] if n > 1 else None, marker="s", ms=6,
+                       capsize=3, ls="none", color=colors[key],
+                       label=f"{strip(key)} ({n} seed{'s' if n > 1 else ''}, {results['config']['steps']} steps)")
     left.set(xlabel="fine-tuning steps", ylabel="AURAC (log2) of test accuracy", title="AURAC vs steps")
     left.set_xticks(steps)
     right.set_xscale("log")
@@ -597,8 +1373,7 @@ def plots():
     for a in (left, right):   # each panel its own legend, in the corner its curves leave empty
         a.grid(alpha=0.3)
         a.legend(fontsize=8, loc="upper left")
-    fig.suptitle(f"Error bars: std over {n_seeds} seeds; evaluation SE of one accuracy is about {se:.3f}",
-                 fontsize=10)
+    fig.suptitle(f"Error bars: std over seeds; evaluation SE of one accuracy is about {se:.3f}", fontsize=10)
     fig.tight_layout()
     fig.savefig(os.path.join(ASSETS, "toy_aurac_vs_steps.png"), dpi=100)
     plt.close(fig)
