@@ -37,8 +37,8 @@ train_toy.py: the MatryoshkaLoRA comparison (arXiv 2605.07850) at toy scale.
    aurac_vs_steps.png with --steps_curve).
 
 Running:
-    python train_toy.py                      # default methods, CPU, ~15 minutes on 2 cores
-    python train_toy.py --quick              # the same, tiny, under a minute, into out/quick
+    python train_toy.py                      # default methods, CPU (tens of minutes on 2 cores)
+    python train_toy.py --quick              # the same, tiny and short, into out/quick
     python train_toy.py --methods all --seed 0,1,2
     python train_toy.py --sweep              # pick each method's lr on the val split
     python train_toy.py --device cuda        # bf16 autocast, TF32, compile, the char-gpu preset
@@ -237,7 +237,7 @@ def _add_run_flags(g):
     g.add_argument("--threads", type=nonneg_int, default=0, help="torch CPU threads (0: torch's default)")
     g.add_argument("--out_dir", default=None,
                    help="results, checkpoints and plots (default: out, or out/quick with --quick)")
-    g.add_argument("--quick", action="store_true", help="tiny model and few steps: end to end in under a minute")
+    g.add_argument("--quick", action="store_true", help="tiny model and few steps, into out/quick: a smoke test of the whole pipeline")
     g.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its checkpoints (same flags)")
     g.add_argument("--ckpt_every", type=auto_positive_int, default="auto",
