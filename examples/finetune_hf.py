@@ -34,9 +34,33 @@ compare a digest of their draws at every checkpoint and at the end.
 Checkpoints (every --ckpt_every steps, and at the end of training) hold the
 adapters, the AdamW state and the schedule step, written with
 torch.distributed.checkpoint (each process writes its own shard) to a
-temporary directory that is renamed into place once complete. Running the
-same command again resumes from the newest one; randomness is keyed by
-(seed, step), so a killed run resumes to the numbers of an uninterrupted one.
+temporary directory that is renamed into place once complete; train_state.json
+records the size and SHA-256 of every file beside it. Running the same command
+again resumes from the newest one; randomness is keyed by (seed, step), so a
+killed run resumes to the numbers of an uninterrupted one. A checkpoint whose
+files do not match that record (a truncated shard, a missing .metadata, an
+unreadable train_state.json) is refused, naming the file.
+
+Resuming is refused, naming each setting with its value then and now, when a
+setting that changes the data split or the training differs from the
+checkpoint's:
+    --model (the directory), --data (its contents), --seq_len;
+    the held-out split: --eval_data given or not, and --eval_fraction when it is not;
+    the calibration split: --export_budget given or not, and --calib_examples when it is;
+    --method, --targets, --rank, --train_ranks, --scaling, --alpha, --lora_dropout;
+    --lr, --weight_decay, --warmup_ratio, --grad_clip, --steps (or --epochs, through the
+    step count they give), --batch_size, --micro_batch_size, --seed;
+    --device, through the precision it gives (bf16 autocast on a CUDA GPU, else float32).
+These may change: the number of processes and --fsdp (the checkpoint is
+resharded), --gradient_checkpointing (it recomputes the same forward),
+--ckpt_every, --log_every, --eval_ranks, --export_ranks, the --export_budget
+value and the --eval_data file (used after training only), and --quick /
+--quick_layout only through the --model they give.
+
+Every input is checked before any training, and before anything is written to
+--out_dir (--quick first builds its checkpoint and data in {out_dir}/quick): a
+bad one stops the run with one 'error:' line naming the flag, file or line, and
+exit code 2.
 
 Outputs in --out_dir:
     results.json              per-rank loss, perplexity and token accuracy on the held-out
@@ -55,17 +79,21 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
 import warnings
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any, NoReturn, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository root
-import mlora   # noqa: E402
+import mlora  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # settings
@@ -75,6 +103,14 @@ SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_p
 TARGETS = {"llama": SEVEN, "qwen2": SEVEN, "qwen3": SEVEN, "mistral": SEVEN, "gemma": SEVEN,
            "gemma2": SEVEN, "gpt2": ["c_attn", "c_proj", "c_fc"]}
 METHODS = ("lora", "dylora", "matryoshka", "stratified")
+# the weights and tokenizer files from_pretrained reads (one of each group must be there)
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer.tiktoken", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+Err = Callable[[str], NoReturn]            # parser.error: prints one 'error:' line and exits with code 2
+Example = tuple[list[int], list[int]]      # (input ids, labels), label -100 where no loss is taken
 
 # --quick: values for the flags left at their defaults (None)
 QUICK = dict(epochs=3, steps=0, batch_size=16, micro_batch_size=4, lr=1e-2, seq_len=64,
@@ -83,7 +119,7 @@ DEFAULTS = dict(epochs=3, steps=0, batch_size=32, micro_batch_size=4, lr=8e-5, s
                 ckpt_every=200, log_every=10, calib_examples=64)
 
 
-def _mix(*numbers) -> int:
+def _mix(*numbers: int) -> int:
     """One 63-bit seed from several integers, order-sensitive (as mlora's schedules mix theirs)."""
     h = 0
     for n in numbers:
@@ -121,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad_clip", type=float, default=1.0, help="gradient norm clip (0: off)")
     p.add_argument("--epochs", type=int, default=None, help=f"passes over the training split ({DEFAULTS['epochs']})")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps; overrides --epochs when > 0")
-    p.add_argument("--batch_size", type=int, default=None, help=f"global batch, sequences per step ({DEFAULTS['batch_size']})")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help=f"global batch, sequences per step ({DEFAULTS['batch_size']})")
     p.add_argument("--micro_batch_size", type=int, default=None,
                    help=f"sequences per process per forward ({DEFAULTS['micro_batch_size']}); "
                         "accumulation = batch_size / (micro_batch_size * processes)")
@@ -132,18 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient_checkpointing", action="store_true", help="recompute block activations in backward")
     p.add_argument("--ckpt_every", type=int, default=None, help=f"steps between checkpoints ({DEFAULTS['ckpt_every']})")
     p.add_argument("--log_every", type=int, default=None, help=f"steps between log lines ({DEFAULTS['log_every']})")
-    p.add_argument("--export_ranks", default=None, help="comma list of ranks to export as PEFT (default: the eval ranks)")
+    p.add_argument("--export_ranks", default=None,
+                   help="comma list of ranks to export as PEFT (default: the eval ranks)")
     p.add_argument("--export_budget", default=None,
                    help="adapter parameter budget for an allocate_ranks export: an int (parameters) or a "
                         "fraction in (0, 1] of the full-rank adapter")
     p.add_argument("--calib_examples", type=int, default=None,
                    help=f"training examples set aside to calibrate --export_budget ({DEFAULTS['calib_examples']})")
-    # testing hook: after this many steps (and their checkpoint), wait to be killed
-    p.add_argument("--_hang_after", type=int, default=0, help=argparse.SUPPRESS)
     return p
 
 
-def _ranks(text, name, rank, err):
+def _ranks(text: Optional[str], name: str, rank: int, err: Err) -> list[int]:
     if text is None:
         return mlora.default_train_ranks(rank)
     try:
@@ -160,7 +196,7 @@ def _ranks(text, name, rank, err):
     return sorted(ranks)
 
 
-def parse_args(argv=None, world: int = 1) -> argparse.Namespace:
+def parse_args(argv: Optional[list[str]] = None, world: int = 1) -> argparse.Namespace:
     """Parse and check every flag; errors exit with an 'error:' line before any work."""
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -208,8 +244,6 @@ def parse_args(argv=None, world: int = 1) -> argparse.Namespace:
             err(f"--export_budget {args.export_budget} as a fraction must be in (0, 1]")
         if isinstance(args.export_budget, int) and args.export_budget < 1:
             err(f"--export_budget must be a positive number of parameters, got {args.export_budget}")
-    if args._hang_after < 0:
-        err("--_hang_after must be >= 0")
 
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -217,6 +251,8 @@ def parse_args(argv=None, world: int = 1) -> argparse.Namespace:
         err("--device cuda was asked for but torch sees no CUDA GPU")
     if args.fsdp and "WORLD_SIZE" not in os.environ:
         err("--fsdp needs torchrun: torchrun --nproc_per_node N examples/finetune_hf.py --fsdp ...")
+
+    check_out_dir(args, err)
 
     if args.quick:
         quick = os.path.join(args.out_dir, "quick", args.quick_layout)
@@ -229,19 +265,64 @@ def parse_args(argv=None, world: int = 1) -> argparse.Namespace:
     return args
 
 
-def check_paths(args, err):
-    """The model directory and data files exist and have what we need; fills args.model_type."""
+def check_out_dir(args: argparse.Namespace, err: Err) -> None:
+    """--out_dir is a folder, or can be made one; what the run writes there can be written.
+
+    Checked now, as the run would otherwise fail at its first checkpoint or at its exports."""
+    args.out_dir = os.path.abspath(args.out_dir)
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        err(f"--out_dir {args.out_dir!r} is an existing file, not a folder; give a folder")
+    above = args.out_dir
+    while not os.path.exists(above):   # the nearest existing folder above, where it would be made
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        err(f"--out_dir {args.out_dir!r} cannot be made: {above!r} is a file, not a folder")
+    if not os.access(above, os.W_OK | os.X_OK):
+        err(f"--out_dir {args.out_dir!r}: {above!r} is not writable")
+    for name, folder in (("checkpoints", True), ("peft", True), ("results.json", False), ("adapter.pt", False)):
+        path = os.path.join(args.out_dir, name)
+        if os.path.exists(path) and os.path.isdir(path) != folder:
+            err(f"--out_dir {args.out_dir!r} holds {name} as a {'file' if folder else 'folder'}, where this run "
+                f"writes its {name} {'folder' if folder else 'file'}; remove it or give another --out_dir")
+
+
+def read_json_object(path: str, what: str) -> dict:
+    """A JSON file holding one object; ValueError naming the file otherwise (also for unreadable bytes)."""
+    try:
+        with open(path, "rb") as f:
+            obj = json.loads(f.read().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    except OSError as e:
+        raise ValueError(f"{path} cannot be read ({e.strerror or e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a JSON {type(obj).__name__}, not the object {what} needs")
+    return obj
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line of text, for an 'error:' line."""
+    return " ".join(f"{type(e).__name__}: {e}".split())
+
+
+def check_paths(args: argparse.Namespace, err: Err) -> None:
+    """The model directory and data files exist and have what we need; fills args.model_type and
+    args.tokenizer."""
     args.model, args.data = os.path.abspath(args.model), os.path.abspath(args.data)
+    if args.eval_data is not None:
+        args.eval_data = os.path.abspath(args.eval_data)
     config_file = os.path.join(args.model, "config.json")
     if not os.path.isdir(args.model):
         err(f"--model {args.model!r} is not a directory (give a local Hugging Face checkpoint directory)")
     if not os.path.isfile(config_file):
         err(f"--model {args.model!r} has no config.json")
     try:
-        with open(config_file) as f:
-            args.model_type = json.load(f).get("model_type")
+        args.model_type = read_json_object(config_file, "a model config").get("model_type")
     except ValueError as e:
-        err(f"{config_file} is not valid JSON ({e})")
+        err(f"--model: {e}")
+    check_weights(args.model, err)
     if args.targets is None:
         if args.model_type not in TARGETS:
             err(f"no default targets for model_type {args.model_type!r}; give --targets "
@@ -258,23 +339,85 @@ def check_paths(args, err):
         if path is not None and os.path.getsize(path) == 0:
             err(f"--{key} {path!r} is empty")
     check_model(args, err)
+    args.tokenizer = load_tokenizer(args.model, err)
 
 
-def inject_adapters(model, args, dtype=None):
+def check_weights(model_dir: str, err: Err) -> None:
+    """The directory holds weights from_pretrained can read: one file, or an index whose shards are all there."""
+    present = [name for name in WEIGHT_FILES if os.path.isfile(os.path.join(model_dir, name))]
+    if not present:
+        err(f"--model {model_dir!r} has no weights (none of {', '.join(WEIGHT_FILES)}); save the model there "
+            "with model.save_pretrained")
+    index = present[0]   # WEIGHT_FILES is in from_pretrained's order of preference
+    if not index.endswith(".index.json"):
+        return
+    try:
+        weight_map = read_json_object(os.path.join(model_dir, index), "a weights index").get("weight_map")
+    except ValueError as e:
+        err(f"--model: {e}")
+    if not isinstance(weight_map, dict) or not weight_map:
+        err(f"--model: {os.path.join(model_dir, index)} has no 'weight_map' of tensor names to shard files")
+    missing = sorted({shard for shard in weight_map.values()
+                      if not isinstance(shard, str) or not os.path.isfile(os.path.join(model_dir, shard))}, key=str)
+    if missing:
+        err(f"--model: {os.path.join(model_dir, index)} lists the shard {missing[0]!r}, which is not in "
+            f"{model_dir!r}")
+
+
+def load_tokenizer(model_dir: str, err: Err) -> Any:
+    """The model directory's tokenizer (transformers.AutoTokenizer, local files only)."""
+    import transformers
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        return transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except Exception as e:   # transformers raises ValueError, OSError, TypeError, ... for a missing or bad one
+        if not any(os.path.isfile(os.path.join(model_dir, name)) for name in TOKENIZER_FILES):
+            err(f"--model {model_dir!r} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); save the "
+                "tokenizer there with tokenizer.save_pretrained")
+        err(f"--model {model_dir!r}: its tokenizer does not load ({one_line(e)})")
+
+
+def inject_adapters(model: nn.Module, args: argparse.Namespace, dtype: Optional[torch.dtype] = None) -> list[str]:
     return mlora.inject(model, args.targets, args.rank, method=args.method, train_ranks=args.train_ranks,
                         scaling=args.scaling, alpha=args.alpha, dropout=args.lora_dropout, seed=args.seed,
                         dtype=dtype)
 
 
-def check_model(args, err):
+def target_matches(name: str, target: str) -> bool:
+    """mlora.inject's rule: a target matches a module name exactly, as a dotted suffix, or as a full regex."""
+    if name == target or name.endswith("." + target):
+        return True
+    try:
+        return re.fullmatch(target, name) is not None
+    except re.error:
+        return False
+
+
+def is_linear(module: nn.Module) -> bool:
+    """What mlora.inject adapts: nn.Linear, or a Hugging Face Conv1D (GPT-2's, weight stored (in, out))."""
+    w = getattr(module, "weight", None)
+    return isinstance(module, nn.Linear) or (torch.is_tensor(w) and w.dim() == 2
+                                             and getattr(module, "nf", None) == w.shape[1])
+
+
+def check_model(args: argparse.Namespace, err: Err) -> None:
     """Targets and rank against the architecture, on a weightless (meta device) copy: no loading yet."""
     import transformers
     try:
         config = transformers.AutoConfig.from_pretrained(args.model, local_files_only=True)
         with torch.device("meta"):
             model = transformers.AutoModelForCausalLM.from_config(config)
+    except Exception as e:   # an unknown model_type, fields of the wrong type, ...
+        err(f"--model {args.model!r}: no model can be built from its config.json ({one_line(e)})")
+    args.vocab_size = getattr(config, "vocab_size", None)
+    linear = [n for n, m in model.named_modules() if n and is_linear(m)]
+    for target in args.targets:   # every entry must adapt something: a typo would silently adapt less
+        if not any(target_matches(n, target) for n in linear):
+            err(f"--targets entry {target!r} matches no linear layer of the model; its linear layers are named "
+                f"like {', '.join(sorted({n.rpartition('.')[2] for n in linear}))}")
+    try:
         inject_adapters(model, args)
-    except ValueError as e:   # e.g. targets that match nothing: mlora names the layers that exist
+    except ValueError as e:
         err(f"--model {args.model}: {e}")
     layers = mlora.adapter_layers(model)
     small = min((min(m.in_features, m.out_features), n) for n, m in layers.items())
@@ -283,44 +426,64 @@ def check_model(args, err):
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if positions is not None and args.seq_len > positions:
         err(f"--seq_len {args.seq_len} is above the model's {positions} positions")
-    if isinstance(args.export_budget, int):   # allocate_ranks starts every layer at the smallest train rank
-        least = args.train_ranks[0] * sum(m.in_features + m.out_features for m in layers.values())
-        if args.export_budget < least:
+    if args.export_budget is not None:
+        # allocate_ranks starts every layer at the smallest train rank; a fraction is of the largest
+        per_rank = sum(m.in_features + m.out_features for m in layers.values())
+        least, full = args.train_ranks[0] * per_rank, args.train_ranks[-1] * per_rank
+        if isinstance(args.export_budget, int) and args.export_budget < least:
             err(f"--export_budget {args.export_budget} is below {least} parameters, the cost of rank "
                 f"{args.train_ranks[0]} in every adapted layer")
+        if isinstance(args.export_budget, float) and int(args.export_budget * full) < least:
+            err(f"--export_budget {args.export_budget} allows {int(args.export_budget * full)} of the {full} "
+                f"adapter parameters at rank {args.train_ranks[-1]}, below {least}, the cost of rank "
+                f"{args.train_ranks[0]} in every adapted layer: give a fraction of at least "
+                f"{least}/{full} = {least / full:.6g}")
 
 
 # -----------------------------------------------------------------------------
 # data: examples are (input ids, labels) with label -100 where no loss is taken
 
 
-def read_records(path: str):
-    """A list of dicts from a .jsonl file, or [{'plain': text}] for any other file."""
+def decode_utf8(raw: bytes, path: str, first_line: int = 1) -> str:
+    """raw as UTF-8 text; ValueError naming the file, line and column of the first byte that is not."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        before = raw[:e.start]
+        line = first_line + before.count(b"\n")
+        column = e.start - (before.rfind(b"\n") + 1) + 1   # in bytes, from 1
+        raise ValueError(f"{path}:{line} is not UTF-8 text (byte {raw[e.start]:#04x} at byte {column} of the "
+                         "line); save the file as UTF-8") from None
+
+
+def read_records(path: str) -> list[dict[str, str]]:
+    """A list of dicts from a .jsonl file, or [{'plain': text}] for any other file; the file must be UTF-8."""
+    with open(path, "rb") as f:
+        raw = f.read()
     if not path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            return [{"plain": f.read()}]
+        return [{"plain": decode_utf8(raw, path)}]
     records = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}:{line_no} is not valid JSON ({e})") from None
-            if isinstance(r, dict) and isinstance(r.get("prompt"), str) and isinstance(r.get("response"), str):
-                records.append({"prompt": r["prompt"], "response": r["response"]})
-            elif isinstance(r, dict) and isinstance(r.get("text"), str):
-                records.append({"text": r["text"]})
-            else:
-                raise ValueError(f"{path}:{line_no} needs a string 'text', or string 'prompt' and 'response' "
-                                 f"fields; got {line.strip()[:80]!r}")
+    for line_no, line_bytes in enumerate(raw.split(b"\n"), 1):   # JSON Lines: one record per \n-ended line
+        line = decode_utf8(line_bytes, path, line_no)
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"{path}:{line_no} is not valid JSON ({e})") from None
+        if isinstance(r, dict) and isinstance(r.get("prompt"), str) and isinstance(r.get("response"), str):
+            records.append({"prompt": r["prompt"], "response": r["response"]})
+        elif isinstance(r, dict) and isinstance(r.get("text"), str):
+            records.append({"text": r["text"]})
+        else:
+            raise ValueError(f"{path}:{line_no} needs a string 'text', or string 'prompt' and 'response' "
+                             f"fields; got {line.strip()[:80]!r}")
     if not records:
         raise ValueError(f"{path} has no records")
     return records
 
 
-def tokenize(records, tokenizer, seq_len: int):
+def tokenize(records: list[dict[str, str]], tokenizer: Any, seq_len: int) -> tuple[list[Example], int, int]:
     """-> (examples, dropped, cut): prompt tokens get label -100; sequences are cut at seq_len.
 
     dropped counts records with no label left within seq_len, cut those shortened to seq_len.
@@ -350,7 +513,8 @@ def tokenize(records, tokenizer, seq_len: int):
     return examples, dropped, cut
 
 
-def split_examples(examples, args):
+def split_examples(examples: list[Example],
+                   args: argparse.Namespace) -> tuple[list[Example], list[Example], list[Example]]:
     """-> train, calib, eval lists. The split is fixed (seed 0), whatever --seed is."""
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0)).tolist()
     shuffled = [examples[i] for i in order]
@@ -360,7 +524,7 @@ def split_examples(examples, args):
     return rest[n_calib:], rest[:n_calib], held
 
 
-def collate(examples, pad_id: int):
+def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-pad to the longest sequence: input_ids, attention_mask, labels, each (B, T)."""
     T = max(len(ids) for ids, _ in examples)
     ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
@@ -371,7 +535,7 @@ def collate(examples, pad_id: int):
     return ids, mask, labels
 
 
-def step_chunks(n_train: int, step: int, args):
+def step_chunks(n_train: int, step: int, args: argparse.Namespace) -> list[list[int]]:
     """The global batch of a step as micro-batches of example indices (chunk c -> process c % world).
 
     Each epoch is a permutation keyed by (seed, epoch); the last partial batch of an epoch is dropped.
@@ -384,7 +548,7 @@ def step_chunks(n_train: int, step: int, args):
     return [batch[i:i + m] for i in range(0, len(batch), m)]
 
 
-def loss_tokens(labels) -> int:
+def loss_tokens(labels: list[int]) -> int:
     """Positions with a next-token label: the first label is never predicted."""
     return sum(t != -100 for t in labels[1:])
 
@@ -393,7 +557,7 @@ def loss_tokens(labels) -> int:
 # the --quick checkpoint and data, built offline
 
 
-def quick_records(n: int = 240):
+def quick_records(n: int = 240) -> list[dict[str, str]]:
     """Small sums as prompt/response pairs: something a tiny model can learn in a few steps."""
     rng = random.Random(0)
     out = []
@@ -403,7 +567,7 @@ def quick_records(n: int = 240):
     return out
 
 
-def build_quick_assets(folder: str, layout: str = "llama"):
+def build_quick_assets(folder: str, layout: str = "llama") -> None:
     """A tiny random causal LM (with its tokenizer) and a JSONL dataset, written once to folder.
 
     Built in a temporary folder and renamed, so a run that dies half-way leaves nothing half-built.
@@ -456,7 +620,7 @@ def build_quick_assets(folder: str, layout: str = "llama"):
 class Runtime:
     """Rank, world size and device of this process; a process group when there are several."""
 
-    def __init__(self, args):
+    def __init__(self, args: argparse.Namespace) -> None:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -467,36 +631,36 @@ class Runtime:
             torch.backends.cuda.matmul.allow_tf32 = True
         if self.distributed and not torch.distributed.is_initialized():
             torch.distributed.init_process_group("nccl" if args.device == "cuda" else "gloo")
-        self.autocast = args.device == "cuda" and torch.cuda.is_bf16_supported()
+        self.autocast = uses_bf16(args)
         self.main = self.rank == 0
 
-    def amp(self):
+    def amp(self) -> AbstractContextManager:
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
 
-    def barrier(self):
+    def barrier(self) -> None:
         if self.distributed:
             torch.distributed.barrier()
 
-    def sum(self, values) -> torch.Tensor:
+    def sum(self, values: list[float]) -> torch.Tensor:
         """Element-wise sum over processes of a list of numbers (float64)."""
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         if self.distributed:
             torch.distributed.all_reduce(t)
         return t.cpu()
 
-    def gather(self, obj) -> list:
+    def gather(self, obj: Any) -> list[Any]:
         if not self.distributed:
             return [obj]
         out = [None] * self.world
         torch.distributed.all_gather_object(out, obj)
         return out
 
-    def say(self, *a):
+    def say(self, *a: Any) -> None:
         if self.main:
             print(*a, flush=True)
 
 
-def check_lockstep(rt, schedule, digest, where):
+def check_lockstep(rt: "Runtime", schedule: mlora.Schedule, digest: str, where: str) -> None:
     """Every process must be at the same schedule step with the same draws so far."""
     seen = rt.gather((schedule.step, digest))
     if len(set(seen)) != 1:
@@ -507,7 +671,7 @@ def check_lockstep(rt, schedule, digest, where):
 # model
 
 
-def load_model(args, rt):
+def load_model(args: argparse.Namespace, rt: Runtime) -> nn.Module:
     """The Hugging Face model with float32 adapters, on the CPU (wrap moves or shards it), in train mode."""
     import transformers
     dtype = torch.bfloat16 if rt.autocast else torch.float32
@@ -524,7 +688,8 @@ def load_model(args, rt):
     return model
 
 
-def wrap(model, args, rt):
+def wrap(model: nn.Module, args: argparse.Namespace,
+         rt: Runtime) -> tuple[nn.Module, Callable[[bool], AbstractContextManager]]:
     """-> (module to train with, sync(last) context factory)."""
     if args.fsdp:
         from torch.distributed.device_mesh import init_device_mesh
@@ -536,18 +701,19 @@ def wrap(model, args, rt):
                 fully_shard(module, mesh=mesh)
         fully_shard(model, mesh=mesh)
 
-        def sync(last):   # reduce-scatter gradients on the last micro-batch only
+        def sync(last: bool) -> AbstractContextManager:   # reduce-scatter gradients on the last micro-batch only
             model.set_requires_gradient_sync(last)
             return contextlib.nullcontext()
         return model, sync
     model.to(rt.device)
     if rt.world > 1:
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        device_ids = [rt.device.index] if rt.device.type == "cuda" else None
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         return ddp, lambda last: contextlib.nullcontext() if last else ddp.no_sync()
     return model, lambda last: contextlib.nullcontext()
 
 
-def forward_sums(model, batch, rt):
+def forward_sums(model: nn.Module, batch: tuple[torch.Tensor, ...], rt: Runtime) -> tuple[torch.Tensor, int, int]:
     """Summed next-token loss (a scalar with gradient), correct predictions and loss tokens of a micro-batch."""
     ids, mask, labels = (t.to(rt.device) for t in batch)
     with rt.amp():
@@ -560,7 +726,7 @@ def forward_sums(model, batch, rt):
 
 
 @torch.no_grad()
-def evaluate(model, examples, args, rt):
+def evaluate(model: nn.Module, examples: list[Example], args: argparse.Namespace, rt: Runtime) -> tuple[float, float]:
     """Mean loss and token accuracy over examples, split over processes.
 
     Every process runs the same number of forwards (FSDP2 gathers weights inside each
@@ -571,14 +737,14 @@ def evaluate(model, examples, args, rt):
     padded = -(-len(batches) // rt.world) * rt.world
     loss = correct = tokens = 0.0
     for i in range(rt.rank, padded, rt.world):
-        l, c, n = forward_sums(model, collate(batches[i % len(batches)], args.pad_id), rt)
+        part, c, n = forward_sums(model, collate(batches[i % len(batches)], args.pad_id), rt)
         if i < len(batches):
-            loss, correct, tokens = loss + l.item(), correct + c, tokens + n
+            loss, correct, tokens = loss + part.item(), correct + c, tokens + n
     loss, correct, tokens = rt.sum([loss, correct, tokens]).tolist()
     return loss / tokens, correct / tokens
 
 
-def adapter_skeleton(args, state):
+def adapter_skeleton(args: argparse.Namespace, state: dict[str, torch.Tensor]) -> nn.Module:
     """A weightless (meta device) copy of the model carrying the full adapter tensors, for export_peft,
     which reads only the adapters: one process exports even when the trained model is sharded."""
     import transformers
@@ -596,29 +762,123 @@ def adapter_skeleton(args, state):
 # checkpoints: torch.distributed.checkpoint, written to a temporary directory and renamed
 
 
-def resume_config(args, data_digest):
-    """The settings a checkpoint must share with the run resuming it (the process count may change)."""
-    keys = ("model", "method", "targets", "rank", "train_ranks", "scaling", "alpha", "lora_dropout", "lr",
-            "weight_decay", "warmup_ratio", "grad_clip", "steps", "batch_size", "micro_batch_size",
-            "seq_len", "seed", "eval_fraction", "calib_examples")
-    return dict({k: getattr(args, k) for k in keys}, data=data_digest)
+def uses_bf16(args: argparse.Namespace) -> bool:
+    """bf16 autocast (and bf16 base weights): on a CUDA GPU that supports it."""
+    return args.device == "cuda" and torch.cuda.is_bf16_supported()
 
 
-def write_json(obj, path):
+# what a checkpoint records of the settings that change the data split or the training, with the
+# flag that sets each; the module docstring lists what may change on resuming, and why
+RESUME_SETTINGS = {
+    "model": "--model", "data": "--data contents (SHA-256)", "seq_len": "--seq_len",
+    "eval_data": "--eval_data", "eval_fraction": "--eval_fraction",
+    "export_budget": "--export_budget", "calib_examples": "--calib_examples",
+    "method": "--method", "targets": "--targets", "rank": "--rank", "train_ranks": "--train_ranks",
+    "scaling": "--scaling", "alpha": "--alpha", "lora_dropout": "--lora_dropout",
+    "lr": "--lr", "weight_decay": "--weight_decay", "warmup_ratio": "--warmup_ratio", "grad_clip": "--grad_clip",
+    "steps": "--steps (or the steps --epochs gives)", "batch_size": "--batch_size",
+    "micro_batch_size": "--micro_batch_size", "seed": "--seed", "precision": "--device (its precision)",
+}
+
+
+def resume_config(args: argparse.Namespace, data_digest: str) -> dict:
+    """This run's values of RESUME_SETTINGS, as its checkpoints record them."""
+    config = {key: getattr(args, key) for key in RESUME_SETTINGS if key not in ("data", "precision")}
+    return dict(config, data=data_digest, precision="bf16 autocast" if uses_bf16(args) else "float32")
+
+
+def changed_settings(saved: dict, now: dict) -> list[str]:
+    """'flag: value then, value now' for each setting in which the runs differ in a way that
+    changes the data split or the training. The held-out file and the budget only split the data
+    by being given or not: another file or another budget changes only what is done after training."""
+    missing = "(not recorded)"
+
+    def shown(value: Any) -> str:
+        return "not given" if value is None else str(value)
+
+    changes = []
+    for key, flag in RESUME_SETTINGS.items():
+        then, value = saved.get(key, missing), now[key]
+        if key in ("eval_data", "export_budget"):
+            differs = then == missing or (then is None) != (value is None)
+        elif key == "eval_fraction":   # used only when no --eval_data is given
+            differs = saved.get("eval_data") is None and now["eval_data"] is None and then != value
+        elif key == "calib_examples":   # used only with --export_budget
+            differs = saved.get("export_budget") is not None and now["export_budget"] is not None and then != value
+        else:
+            differs = then != value
+        if differs:
+            changes.append(f"{flag}: {shown(then)} then, {shown(value)} now")
+    return changes
+
+
+def write_json(obj: Any, path: str) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=1)
 
 
-def latest_checkpoint(folder):
-    """The newest complete checkpoint directory, or None (unfinished ones are still named .tmp-*)."""
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def newest_checkpoint(folder: str) -> Optional[str]:
+    """The newest step_* entry of folder, or None. Checkpoints are written as .tmp-* and renamed
+    only when complete, so this one was whole when written: verify_checkpoint checks it still is."""
     if not os.path.isdir(folder):
         return None
-    done = sorted(d for d in os.listdir(folder)
-                  if d.startswith("step_") and os.path.isfile(os.path.join(folder, d, "train_state.json")))
-    return os.path.join(folder, done[-1]) if done else None
+    steps = sorted(d for d in os.listdir(folder) if d.startswith("step_"))
+    return os.path.join(folder, steps[-1]) if steps else None
 
 
-def save_checkpoint(folder, model, opt, meta, rt):
+def verify_checkpoint(path: str) -> dict:
+    """The checkpoint's train_state.json, once every file it records is there with its size and SHA-256.
+    ValueError naming the file otherwise."""
+    state_file = os.path.join(path, "train_state.json")
+    if not os.path.isdir(path):
+        raise ValueError(f"{path} is not a folder")
+    if not os.path.lexists(state_file):
+        raise ValueError(f"{state_file} is missing")
+    meta = read_json_object(state_file, "a checkpoint")
+    fields = {"step": int, "schedule": dict, "digest": str, "losses": list, "seconds": (int, float),
+              "config": dict, "files": dict}
+    for key, kind in fields.items():
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise ValueError(f"{state_file} has no valid {key!r} field (got {meta.get(key)!r:.80})")
+    step, steps = meta["step"], meta["config"].get("steps")
+    if os.path.basename(path) != f"step_{step:08d}" or not isinstance(steps, int) or not 1 <= step <= steps:
+        raise ValueError(f"{state_file} records step {step} of {steps}, which does not fit the folder "
+                         f"{os.path.basename(path)}")
+    if len(meta["losses"]) != step or not all(isinstance(v, (int, float)) for v in meta["losses"]):
+        raise ValueError(f"{state_file} records {len(meta['losses'])} training losses for {step} steps")
+    if meta["schedule"] != {"step": step, "seed": meta["config"].get("seed")}:
+        raise ValueError(f"{state_file} records the schedule state {meta['schedule']}, not that of step {step}")
+    files = meta["files"]
+    if ".metadata" not in files:
+        raise ValueError(f"{state_file} records no .metadata file")
+    for name, record in files.items():
+        if (os.path.basename(name) != name or name in (".", "..", "train_state.json")
+                or not (isinstance(record, list) and len(record) == 2 and isinstance(record[0], int)
+                        and isinstance(record[1], str))):
+            raise ValueError(f"{state_file} records the file {name!r} as {record!r}, not as [size, sha256]")
+    for name, (size, _) in sorted(files.items()):   # sizes first: cheap, and they catch a truncated file
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise ValueError(f"{file} is missing")
+        if os.path.getsize(file) != size:
+            raise ValueError(f"{file} has {os.path.getsize(file)} bytes where the checkpoint recorded {size} "
+                             "(truncated or overwritten)")
+    for name, (_, digest) in sorted(files.items()):
+        if file_sha256(os.path.join(path, name)) != digest:
+            raise ValueError(f"{os.path.join(path, name)} does not match the SHA-256 the checkpoint recorded "
+                             "(damaged)")
+    return meta
+
+
+def save_checkpoint(folder: str, model: nn.Module, opt: torch.optim.Optimizer, meta: dict, rt: Runtime) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
     final = os.path.join(folder, f"step_{meta['step']:08d}")
@@ -629,7 +889,10 @@ def save_checkpoint(folder, model, opt, meta, rt):
     rt.barrier()
     model_state, optim_state = get_state_dict(model, opt, options=StateDictOptions(ignore_frozen_params=True))
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)   # each process its shard
-    if rt.main:
+    if rt.main:   # dcp.save returns once every process's shard and the .metadata are written
+        names = sorted(n for n in os.listdir(tmp) if os.path.isfile(os.path.join(tmp, n)))
+        meta = dict(meta, files={n: [os.path.getsize(os.path.join(tmp, n)), file_sha256(os.path.join(tmp, n))]
+                                 for n in names})
         mlora.atomic_write(os.path.join(tmp, "train_state.json"), lambda f: write_json(meta, f))
         os.replace(tmp, final)
         for old in os.listdir(folder):   # keep the newest only
@@ -638,7 +901,8 @@ def save_checkpoint(folder, model, opt, meta, rt):
     rt.barrier()
 
 
-def load_checkpoint(path, model, opt):
+def load_checkpoint(path: str, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    """The adapters and AdamW state of a checkpoint that verify_checkpoint passed, resharded to this run."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
     model_state, optim_state = get_state_dict(model, opt, options=StateDictOptions(ignore_frozen_params=True))
@@ -647,28 +911,35 @@ def load_checkpoint(path, model, opt):
     # strict=False: the frozen base weights are not in the checkpoint (they come from --model)
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))
-    with open(os.path.join(path, "train_state.json")) as f:
-        return json.load(f)
 
 
 # -----------------------------------------------------------------------------
 # main
 
 
-def load_data(args, err):
+def load_data(args: argparse.Namespace, err: Err) -> tuple[list[Example], list[Example], list[Example], str]:
     """-> train, calib, held-out examples and a digest of the data file; before any model is
     loaded, so a bad file fails in seconds. Sets args.pad_id, and args.steps from --epochs."""
-    import transformers
-    transformers.utils.logging.disable_progress_bar()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    tokenizer = args.tokenizer
     args.pad_id = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
-    try:
-        examples, dropped, cut = tokenize(read_records(args.data), tokenizer, args.seq_len)
-        train, calib, held = split_examples(examples, args)
-        if args.eval_data:
-            held, _, _ = tokenize(read_records(args.eval_data), tokenizer, args.seq_len)
-    except ValueError as e:
-        err(str(e))
+    held_file = []
+    for flag, path in (("--data", args.data), ("--eval_data", args.eval_data)):
+        if path is None:
+            continue
+        try:
+            tokenized = tokenize(read_records(path), tokenizer, args.seq_len)
+        except ValueError as e:
+            err(f"{flag} {e}")
+        if flag == "--data":
+            examples, dropped, cut = tokenized
+        else:
+            held_file = tokenized[0]
+    train, calib, held = split_examples(examples, args)
+    held = held_file if args.eval_data else held
+    largest = max([args.pad_id] + [max(ids) for ids, _ in examples + held_file])
+    if args.vocab_size is not None and largest >= args.vocab_size:
+        err(f"--model {args.model!r}: its tokenizer gives token id {largest}, outside the model's vocab_size "
+            f"{args.vocab_size} (the tokenizer does not belong to these weights)")
     if len(train) < args.batch_size:
         err(f"the training split has {len(train)} examples, fewer than --batch_size {args.batch_size}")
     if not held:
@@ -677,11 +948,11 @@ def load_data(args, err):
     args.data_note = (f"{len(examples)} examples ({cut} cut to --seq_len {args.seq_len}, {dropped} dropped: "
                       f"no answer token within it): {len(train)} train, {len(calib)} calibration, "
                       f"{len(held)} held out")
-    with open(args.data, "rb") as f:
-        return train, calib, held, hashlib.sha256(f.read()).hexdigest()[:16]
+    return train, calib, held, file_sha256(args.data)[:16]
 
 
-def evaluate_and_export(model, held, calib, args, rt, results):
+def evaluate_and_export(model: nn.Module, held: list[Example], calib: list[Example], args: argparse.Namespace,
+                        rt: Runtime, results: dict) -> None:
     """Per-rank held-out evaluation, the budget plan, and the exports; fills and writes results."""
     # per-rank evaluation on the held-out split
     model.eval()
@@ -735,7 +1006,7 @@ def evaluate_and_export(model, held, calib, args, rt, results):
               f"{args.out_dir}/peft", flush=True)
 
 
-def main(argv=None):
+def main(argv: Optional[list[str]] = None) -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     parser = build_parser()
     args = parse_args(argv, world)
@@ -755,17 +1026,20 @@ def main(argv=None):
     train, calib, held, data_digest = load_data(args, parser.error)
     steps = args.steps
 
-    # a checkpoint in out_dir is resumed, if it was written with the same settings
+    # a checkpoint in out_dir is resumed, if it is whole and was written with the same settings
     ckpt_dir = os.path.join(args.out_dir, "checkpoints")
     config = resume_config(args, data_digest)
-    latest = latest_checkpoint(ckpt_dir)
+    latest, meta = newest_checkpoint(ckpt_dir), None
+    fresh = f"remove {ckpt_dir} to start fresh, or give another --out_dir"
     if latest is not None:
-        with open(os.path.join(latest, "train_state.json")) as f:
-            saved = json.load(f)["config"]
-        changed = sorted(k for k in set(config) | set(saved) if config.get(k) != saved.get(k))
-        if changed:
-            parser.error(f"{latest} was written with other settings ({', '.join(changed)}); "
-                         "use another --out_dir or the same flags")
+        try:
+            meta = verify_checkpoint(latest)
+        except ValueError as e:
+            parser.error(f"{e}: the checkpoint cannot be resumed; {fresh}")
+        changes = changed_settings(meta["config"], config)
+        if changes:
+            parser.error(f"{latest} was written with other settings ({'; '.join(changes)}); resume with the "
+                         f"same settings, or {fresh}")
 
     rt = Runtime(args)
     rt.say(f"{args.data_note}; {steps} steps of "
@@ -783,8 +1057,8 @@ def main(argv=None):
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
 
     start, digest, losses, seconds = 0, "", [], 0.0
-    if latest is not None:
-        meta = load_checkpoint(latest, model, opt)
+    if meta is not None:
+        load_checkpoint(latest, model, opt)
         schedule.load_state_dict(meta["schedule"])
         start, digest, losses, seconds = meta["step"], meta["digest"], meta["losses"], meta["seconds"]
         rt.say(f"resumed from {latest} at step {start}")
@@ -828,10 +1102,6 @@ def main(argv=None):
             check_lockstep(rt, schedule, digest, f"step {done}")
             save_checkpoint(ckpt_dir, model, opt, dict(step=done, schedule=schedule.state_dict(), digest=digest,
                                                        losses=losses, seconds=seconds, config=config), rt)
-        if args._hang_after and done == args._hang_after:
-            rt.say(f"waiting to be killed after step {done}")
-            while True:
-                time.sleep(1)
     check_lockstep(rt, schedule, digest, "end of training")
 
     results = dict(config=dict(config, world=rt.world, fsdp=args.fsdp, eval_ranks=args.eval_ranks),

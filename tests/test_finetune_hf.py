@@ -1,7 +1,9 @@
 """examples/finetune_hf.py end to end on the CPU: one process, torchrun with DDP and with
-FSDP2 (gloo) train the same adapters; a SIGKILLed run resumes to the adapters of an
-uninterrupted one; the PEFT exports load with PeftModel.from_pretrained and reproduce
-mlora's logits; GPT-2 and Qwen2 layouts run; bad flags fail before any work.
+FSDP2 (gloo) train the same adapters; a run SIGKILLed from outside once it has a checkpoint
+resumes to the adapters of an uninterrupted one; the PEFT exports load with
+PeftModel.from_pretrained and reproduce mlora's logits; GPT-2 and Qwen2 layouts run; bad
+flags fail before any work (more bad inputs, damaged checkpoints and changed settings on
+resuming: test_finetune_hf_inputs.py).
 
 Every checkpoint is a tiny random one that the script builds itself (--quick); nothing is
 downloaded. Each process runs on one thread (OMP_NUM_THREADS=1).
@@ -117,31 +119,41 @@ def test_ddp_and_fsdp_match_one_process(runs, record_property):
     assert all(reference[k].abs().max() > 0 for k in reference if k.endswith("lora_B"))
 
 
-def kill_after_checkpoint(out_dir, assets, step=8):
-    """Start a 2-process FSDP2 run and SIGKILL it once its step-8 checkpoint exists.
+def complete_checkpoints(out_dir):
+    """Steps of the checkpoints in out_dir that were renamed into place (complete when renamed)."""
+    folder = out_dir / "checkpoints"
+    names = os.listdir(folder) if folder.is_dir() else []
+    return sorted(int(n[5:]) for n in names if n.startswith("step_") and (folder / n / "train_state.json").exists())
 
-    The hidden --_hang_after hook makes the processes wait after that step and its
-    checkpoint, so the kill lands mid-run whatever the machine's speed."""
+
+def kill_after_checkpoint(out_dir, assets, step=8):
+    """Start a 2-process FSDP2 run and SIGKILL it from outside once it has a checkpoint at step >= 8;
+    -> the newest checkpoint step left. The run goes on training until the kill lands, which must be
+    before it ends (asserted): 16 steps, checkpoints every 4."""
     cmd = launcher(2) + COMMON + ["--out_dir", str(out_dir), "--fsdp", "--model", str(assets / "model"),
-                                  "--data", str(assets / "data.jsonl"), "--_hang_after", str(step)]
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    checkpoint = out_dir / "checkpoints" / f"step_{step:08d}"
+                                  "--data", str(assets / "data.jsonl")]
+    log = out_dir.parent / f"{out_dir.name}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=ENV, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 240
-    while not (checkpoint / "train_state.json").exists():
-        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-        assert time.time() < deadline, "no checkpoint after 240 s"
-        time.sleep(0.2)
+    while not any(s >= step for s in complete_checkpoints(out_dir)):
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.time() < deadline, f"no checkpoint after 240 s\n{log.read_text()[-3000:]}"
+        time.sleep(0.005)
     os.killpg(proc.pid, signal.SIGKILL)   # torchrun and both workers, with no chance to clean up
-    proc.wait()
+    assert proc.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed mid-way"
     assert not (out_dir / "results.json").exists() and not (out_dir / "adapter.pt").exists()
+    newest = complete_checkpoints(out_dir)[-1]
+    assert step <= newest < 16, newest   # killed mid-run
+    return newest
 
 
 def test_killed_fsdp_run_resumes_to_the_same_adapters(runs, assets, tmp_path, record_property):
     out_dir = tmp_path / "killed"
-    kill_after_checkpoint(out_dir, assets)
+    newest = kill_after_checkpoint(out_dir, assets)
     # a checkpoint directory half-written when a run died: never read, replaced when reached
-    stale = out_dir / "checkpoints" / ".tmp-step_00000012"
-    stale.mkdir()
+    stale = out_dir / "checkpoints" / f".tmp-step_{newest + 4:08d}"
+    stale.mkdir(exist_ok=True)   # the kill may have left it already
     (stale / "junk").write_text("half a checkpoint")
 
     resumed = run(2, out_dir, "--fsdp", assets=assets)
@@ -151,7 +163,8 @@ def test_killed_fsdp_run_resumes_to_the_same_adapters(runs, assets, tmp_path, re
     # the same processes and the same sums in the same order: equal up to 1e-6 (measured: 0)
     norm, entry = differences(adapters(out_dir), adapters(uninterrupted_dir))
     record_property("resume_vs_uninterrupted", (norm, entry))
-    print(f"\nresumed vs uninterrupted FSDP2 run: adapters differ by {norm:.2e} (norm), {entry:.2e} (worst entry)")
+    print(f"\nkilled after step {newest}, resumed, vs uninterrupted FSDP2 run: adapters differ by {norm:.2e} "
+          f"(norm), {entry:.2e} (worst entry)")
     assert norm <= 1e-6 and entry <= 1e-6, (norm, entry)
     for a, b in zip(resumed["train_loss"], uninterrupted["train_loss"]):
         assert abs(a - b) <= 1e-6 * b
@@ -162,12 +175,13 @@ def test_sharded_checkpoint_resumes_in_one_process(runs, assets, tmp_path, recor
     """A checkpoint written by 2 FSDP2 processes, resumed by 1 process (resharded on load)."""
     single_dir, single = runs["single"]
     out_dir = tmp_path / "one"
-    kill_after_checkpoint(out_dir, assets)
+    newest = kill_after_checkpoint(out_dir, assets)
     resumed = run(1, out_dir, assets=assets)
     assert resumed["config"]["world"] == 1 and resumed["draw_digest"] == single["draw_digest"]
     norm, entry = differences(adapters(out_dir), adapters(single_dir))
     record_property("fsdp_then_single_vs_single", (norm, entry))
-    print(f"\n2 FSDP2 processes to step 8, then 1 process, vs 1 process: {norm:.2e} (norm), {entry:.2e} (worst entry)")
+    print(f"\n2 FSDP2 processes to step {newest}, then 1 process, vs 1 process: {norm:.2e} (norm), "
+          f"{entry:.2e} (worst entry)")
     assert norm <= REL_TOL and entry <= ENTRY_TOL, (norm, entry)
 
 
@@ -321,5 +335,5 @@ def test_resume_with_other_settings_is_refused(runs, capsys, monkeypatch):
     model = res["config"]["model"]
     argv = COMMON + ["--out_dir", str(out_dir), "--model", model,
                      "--data", os.path.join(os.path.dirname(model), "data.jsonl")]
-    fails(argv + ["--lr", "0.5"], capsys, "other settings (lr)")
+    fails(argv + ["--lr", "0.5"], capsys, "other settings (--lr: 0.01 then, 0.5 now)")
     assert before == {p: os.path.getmtime(os.path.join(out_dir, p)) for p in before}
