@@ -7,7 +7,7 @@ Llama / Qwen2 block (q, k, v, o, gate, up, down; GPT-2: c_attn, c_proj, c_fc),
 rank 32, train and eval ranks the powers of two up to 32, sqrt scaling with
 alpha 1, AdamW at 8e-5, global batch 32, 3 epochs, bf16 autocast on CUDA.
 
-    python examples/finetune_hf.py --quick                    # tiny random Llama, CPU, < 1 minute
+    python examples/finetune_hf.py --quick                    # a tiny random Llama and built-in data
     python examples/finetune_hf.py --model ~/llama-3.2-1b --data train.jsonl --out_dir out/ft
     torchrun --nproc_per_node 8 examples/finetune_hf.py --model DIR --data FILE          # DDP
     torchrun --nproc_per_node 8 examples/finetune_hf.py --model DIR --data FILE --fsdp   # FSDP2
@@ -64,7 +64,8 @@ exit code 2.
 
 Outputs in --out_dir:
     results.json              per-rank loss, perplexity and token accuracy on the held-out
-                              split, AURAC of token accuracy (log2 and linear), the config
+                              split, AURAC of token accuracy (log2 and linear), the config,
+                              and the run's provenance (command, commit, torch, machine, date)
     adapter.pt                the full trained adapter (mlora.save_adapter)
     peft/rank_<k>/            one PEFT LoRA adapter per --export_ranks entry
     peft/budget/              the allocate_ranks plan for --export_budget (plan in results.json)
@@ -86,7 +87,7 @@ import time
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Any, NoReturn, Optional
+from typing import Any, NoReturn, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -94,6 +95,21 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository root
 import mlora  # noqa: E402
+import mlora_scripts  # noqa: E402
+from mlora_scripts import (  # noqa: E402
+    BadFlag,
+    Runtime,
+    check_same_draws,
+    comma_list,
+    comma_numbers,
+    nonneg_float,
+    nonneg_int,
+    positive_float,
+    positive_int,
+    provenance,
+    seed_mix,
+    write_json,
+)
 
 # -----------------------------------------------------------------------------
 # settings
@@ -119,14 +135,6 @@ DEFAULTS = dict(epochs=3, steps=0, batch_size=32, micro_batch_size=4, lr=8e-5, s
                 ckpt_every=200, log_every=10, calib_examples=64)
 
 
-def _mix(*numbers: int) -> int:
-    """One 63-bit seed from several integers, order-sensitive (as mlora's schedules mix theirs)."""
-    h = 0
-    for n in numbers:
-        h = (h * 0x9E3779B97F4A7C15 + int(n) + 1) % (2 ** 63)
-    return h
-
-
 # -----------------------------------------------------------------------------
 # command line
 
@@ -137,123 +145,95 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="local Hugging Face causal LM directory")
     p.add_argument("--data", default=None, help="training data: .jsonl (prompt/response or text) or a text file")
     p.add_argument("--eval_data", default=None, help="held-out data file (default: --eval_fraction of --data)")
-    p.add_argument("--eval_fraction", type=float, default=0.1, help="share of --data held out for evaluation")
+    p.add_argument("--eval_fraction", type=positive_float, default=0.1, help="share of --data held out for evaluation")
     p.add_argument("--out_dir", default="out/finetune_hf", help="results, exports and checkpoints")
     p.add_argument("--quick", action="store_true",
-                   help="tiny random checkpoint and built-in data in {out_dir}/quick; CPU, under a minute")
+                   help="a tiny random checkpoint and built-in data, built in {out_dir}/quick: small enough "
+                        "for a CPU")
     p.add_argument("--quick_layout", default="llama", choices=["llama", "qwen2", "gpt2"],
                    help="architecture of the --quick checkpoint")
     p.add_argument("--method", default="matryoshka", choices=METHODS, help="P schedule (mlora.make_schedule)")
     p.add_argument("--targets", default=None, help="comma list of layer names (default: by model_type)")
-    p.add_argument("--rank", type=int, default=32, help="adapter rank r")
+    p.add_argument("--rank", type=positive_int, default=32, help="adapter rank r")
     p.add_argument("--train_ranks", default=None, help="comma list (default: powers of two up to --rank)")
     p.add_argument("--eval_ranks", default=None, help="comma list (default: powers of two up to --rank)")
     p.add_argument("--scaling", default="sqrt", choices=list(mlora.SCALINGS), help="s(k) rule")
-    p.add_argument("--alpha", type=float, default=1.0, help="scaling numerator")
-    p.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the adapter input")
-    p.add_argument("--lr", type=float, default=None, help=f"peak AdamW learning rate ({DEFAULTS['lr']})")
-    p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--warmup_ratio", type=float, default=0.03, help="linear warmup share; linear decay to 0 after")
-    p.add_argument("--grad_clip", type=float, default=1.0, help="gradient norm clip (0: off)")
-    p.add_argument("--epochs", type=int, default=None, help=f"passes over the training split ({DEFAULTS['epochs']})")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps; overrides --epochs when > 0")
-    p.add_argument("--batch_size", type=int, default=None,
+    p.add_argument("--alpha", type=positive_float, default=1.0, help="scaling numerator")
+    p.add_argument("--lora_dropout", type=nonneg_float, default=0.0, help="dropout on the adapter input")
+    p.add_argument("--lr", type=positive_float, default=None, help=f"peak AdamW learning rate ({DEFAULTS['lr']})")
+    p.add_argument("--weight_decay", type=nonneg_float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--warmup_ratio", type=nonneg_float, default=0.03,
+                   help="linear warmup share; linear decay to 0 after")
+    p.add_argument("--grad_clip", type=nonneg_float, default=1.0, help="gradient norm clip (0: off)")
+    p.add_argument("--epochs", type=positive_int, default=None,
+                   help=f"passes over the training split ({DEFAULTS['epochs']})")
+    p.add_argument("--steps", type=nonneg_int, default=None,
+                   help="optimizer steps; overrides --epochs when > 0 (0: use --epochs)")
+    p.add_argument("--batch_size", type=positive_int, default=None,
                    help=f"global batch, sequences per step ({DEFAULTS['batch_size']})")
-    p.add_argument("--micro_batch_size", type=int, default=None,
+    p.add_argument("--micro_batch_size", type=positive_int, default=None,
                    help=f"sequences per process per forward ({DEFAULTS['micro_batch_size']}); "
                         "accumulation = batch_size / (micro_batch_size * processes)")
-    p.add_argument("--seq_len", type=int, default=None, help=f"longest sequence in tokens ({DEFAULTS['seq_len']})")
-    p.add_argument("--seed", type=int, default=0, help="adapter init, data order and schedule draws")
+    p.add_argument("--seq_len", type=positive_int, default=None,
+                   help=f"longest sequence in tokens ({DEFAULTS['seq_len']})")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="adapter init, data order and schedule draws")
     p.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP; needs torchrun")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if available")
     p.add_argument("--gradient_checkpointing", action="store_true", help="recompute block activations in backward")
-    p.add_argument("--ckpt_every", type=int, default=None, help=f"steps between checkpoints ({DEFAULTS['ckpt_every']})")
-    p.add_argument("--log_every", type=int, default=None, help=f"steps between log lines ({DEFAULTS['log_every']})")
+    p.add_argument("--ckpt_every", type=positive_int, default=None,
+                   help=f"steps between checkpoints ({DEFAULTS['ckpt_every']})")
+    p.add_argument("--log_every", type=positive_int, default=None,
+                   help=f"steps between log lines ({DEFAULTS['log_every']})")
     p.add_argument("--export_ranks", default=None,
                    help="comma list of ranks to export as PEFT (default: the eval ranks)")
     p.add_argument("--export_budget", default=None,
                    help="adapter parameter budget for an allocate_ranks export: an int (parameters) or a "
                         "fraction in (0, 1] of the full-rank adapter")
-    p.add_argument("--calib_examples", type=int, default=None,
+    p.add_argument("--calib_examples", type=positive_int, default=None,
                    help=f"training examples set aside to calibrate --export_budget ({DEFAULTS['calib_examples']})")
     return p
 
 
-def _ranks(text: Optional[str], name: str, rank: int, err: Err) -> list[int]:
+def _ranks(text: Optional[str], flag: str, rank: int) -> list[int]:
+    """A comma list of ranks in 1..rank, sorted; the powers of two up to rank when not given."""
     if text is None:
         return mlora.default_train_ranks(rank)
-    try:
-        ranks = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        err(f"{name} must be a comma list of integers, got {text!r}")
-    if not ranks:
-        err(f"{name} is empty")
-    bad = [k for k in ranks if not 1 <= k <= rank]
+    ranks = comma_numbers(text, flag, integer=True, minimum=1, strict=False)
+    bad = [k for k in ranks if k > rank]
     if bad:
-        err(f"{name} has rank {bad[0]}, outside 1..--rank={rank}")
-    if len(set(ranks)) != len(ranks):
-        err(f"{name} has duplicates: {ranks}")
+        raise BadFlag(f"{flag} has rank {bad[0]}, outside 1..--rank={rank}")
     return sorted(ranks)
 
 
+def _export_budget(text: str) -> Union[int, float]:
+    """--export_budget: an int number of parameters (>= 1), or a fraction in (0, 1]."""
+    text = text.strip()
+    if not text:
+        raise BadFlag("--export_budget is empty; give an int (parameters) or a fraction in (0, 1]")
+    if any(c in text for c in ".eE"):
+        budget = mlora_scripts.number(text, "--export_budget", integer=False, minimum=0, strict=True)
+        if budget > 1:
+            raise BadFlag(f"--export_budget {budget} as a fraction must be in (0, 1]")
+        return budget
+    try:
+        return mlora_scripts.number(text, "--export_budget", integer=True, minimum=1, strict=False)
+    except BadFlag:
+        raise BadFlag(f"--export_budget must be an int (parameters) >= 1 or a fraction in (0, 1], "
+                      f"got {text!r}") from None
+
+
 def parse_args(argv: Optional[list[str]] = None, world: int = 1) -> argparse.Namespace:
-    """Parse and check every flag; errors exit with an 'error:' line before any work."""
+    """Parse and check every flag; errors exit with an 'error:' line before any work.
+
+    argparse checks each number against its lower bound (mlora_scripts' flag types); the
+    checks that involve the profile or several flags raise BadFlag here."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        check_flags(args, world)
+    except BadFlag as e:
+        parser.error(str(e))
     err = parser.error
-
-    profile = QUICK if args.quick else DEFAULTS
-    for key, value in profile.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    for key in ("epochs", "batch_size", "micro_batch_size", "seq_len", "ckpt_every", "log_every",
-                "calib_examples"):
-        if getattr(args, key) < 1:
-            err(f"--{key} must be a positive integer, got {getattr(args, key)}")
-    if args.steps < 0:
-        err(f"--steps must be >= 0 (0: use --epochs), got {args.steps}")
-    if args.rank < 1:
-        err(f"--rank must be a positive integer, got {args.rank}")
-    args.train_ranks = _ranks(args.train_ranks, "--train_ranks", args.rank, err)
-    args.eval_ranks = _ranks(args.eval_ranks, "--eval_ranks", args.rank, err)
-    args.export_ranks = args.eval_ranks if args.export_ranks is None else \
-        _ranks(args.export_ranks, "--export_ranks", args.rank, err)
-    for key in ("lr", "alpha"):
-        if not math.isfinite(getattr(args, key)) or getattr(args, key) <= 0:
-            err(f"--{key} must be a finite positive number, got {getattr(args, key)}")
-    for key in ("weight_decay", "grad_clip"):
-        if not math.isfinite(getattr(args, key)) or getattr(args, key) < 0:
-            err(f"--{key} must be a finite non-negative number, got {getattr(args, key)}")
-    for key in ("lora_dropout", "warmup_ratio"):
-        if not 0 <= getattr(args, key) < 1:
-            err(f"--{key} must be in [0, 1), got {getattr(args, key)}")
-    if not 0 < args.eval_fraction < 1:
-        err(f"--eval_fraction must be in (0, 1), got {args.eval_fraction}")
-    per_step = args.micro_batch_size * world
-    if args.batch_size % per_step:
-        err(f"--batch_size {args.batch_size} is not a multiple of --micro_batch_size {args.micro_batch_size} "
-            f"x {world} processes = {per_step}")
-    args.accumulation = args.batch_size // per_step
-    if args.export_budget is not None:
-        text = args.export_budget.strip()
-        try:
-            args.export_budget = float(text) if any(c in text for c in ".eE") else int(text)
-        except ValueError:
-            err(f"--export_budget must be an int (parameters) or a fraction in (0, 1], got {text!r}")
-        if isinstance(args.export_budget, float) and not 0 < args.export_budget <= 1:
-            err(f"--export_budget {args.export_budget} as a fraction must be in (0, 1]")
-        if isinstance(args.export_budget, int) and args.export_budget < 1:
-            err(f"--export_budget must be a positive number of parameters, got {args.export_budget}")
-
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        err("--device cuda was asked for but torch sees no CUDA GPU")
-    if args.fsdp and "WORLD_SIZE" not in os.environ:
-        err("--fsdp needs torchrun: torchrun --nproc_per_node N examples/finetune_hf.py --fsdp ...")
-
-    check_out_dir(args, err)
-
     if args.quick:
         quick = os.path.join(args.out_dir, "quick", args.quick_layout)
         args.model = args.model or os.path.join(quick, "model")
@@ -265,25 +245,53 @@ def parse_args(argv: Optional[list[str]] = None, world: int = 1) -> argparse.Nam
     return args
 
 
-def check_out_dir(args: argparse.Namespace, err: Err) -> None:
-    """--out_dir is a folder, or can be made one; what the run writes there can be written.
+def check_flags(args: argparse.Namespace, world: int) -> None:
+    """Fills the profile's values (--quick or the defaults), resolves --device, parses the rank
+    lists and the budget, and checks what one flag's type cannot: BadFlag naming the value."""
+    profile = QUICK if args.quick else DEFAULTS
+    for key, value in profile.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.seed >= 2 ** 63:
+        raise BadFlag(f"--seed must be below 2**63, got {args.seed}")
+    args.train_ranks = _ranks(args.train_ranks, "--train_ranks", args.rank)
+    args.eval_ranks = _ranks(args.eval_ranks, "--eval_ranks", args.rank)
+    args.export_ranks = args.eval_ranks if args.export_ranks is None else \
+        _ranks(args.export_ranks, "--export_ranks", args.rank)
+    for key in ("lora_dropout", "warmup_ratio"):   # >= 0 is their type's check
+        if getattr(args, key) >= 1:
+            raise BadFlag(f"--{key} must be in [0, 1), got {getattr(args, key)}")
+    if args.eval_fraction >= 1:   # > 0 is its type's check
+        raise BadFlag(f"--eval_fraction must be in (0, 1), got {args.eval_fraction}")
+    per_step = args.micro_batch_size * world
+    if args.batch_size % per_step:
+        raise BadFlag(f"--batch_size {args.batch_size} is not a multiple of --micro_batch_size "
+                      f"{args.micro_batch_size} x {world} processes = {per_step}")
+    args.accumulation = args.batch_size // per_step
+    if args.export_budget is not None:
+        args.export_budget = _export_budget(args.export_budget)
 
-    Checked now, as the run would otherwise fail at its first checkpoint or at its exports."""
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise BadFlag("--device cuda was asked for but torch sees no CUDA GPU")
+    if args.fsdp and "WORLD_SIZE" not in os.environ:
+        raise BadFlag("--fsdp needs torchrun: torchrun --nproc_per_node N examples/finetune_hf.py --fsdp ...")
+    check_out_dir(args)
+
+
+def check_out_dir(args: argparse.Namespace) -> None:
+    """--out_dir is a folder, or can be made one (mlora_scripts.check_out_dir), and what the run
+    writes there can be written: checked now, as the run would otherwise fail at its first
+    checkpoint or at its exports. Makes args.out_dir absolute."""
     args.out_dir = os.path.abspath(args.out_dir)
-    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        err(f"--out_dir {args.out_dir!r} is an existing file, not a folder; give a folder")
-    above = args.out_dir
-    while not os.path.exists(above):   # the nearest existing folder above, where it would be made
-        above = os.path.dirname(above)
-    if not os.path.isdir(above):
-        err(f"--out_dir {args.out_dir!r} cannot be made: {above!r} is a file, not a folder")
-    if not os.access(above, os.W_OK | os.X_OK):
-        err(f"--out_dir {args.out_dir!r}: {above!r} is not writable")
+    mlora_scripts.check_out_dir(args.out_dir, "--out_dir")
     for name, folder in (("checkpoints", True), ("peft", True), ("results.json", False), ("adapter.pt", False)):
         path = os.path.join(args.out_dir, name)
         if os.path.exists(path) and os.path.isdir(path) != folder:
-            err(f"--out_dir {args.out_dir!r} holds {name} as a {'file' if folder else 'folder'}, where this run "
-                f"writes its {name} {'folder' if folder else 'file'}; remove it or give another --out_dir")
+            raise BadFlag(f"--out_dir {args.out_dir!r} holds {name} as a {'file' if folder else 'folder'}, where "
+                          f"this run writes its {name} {'folder' if folder else 'file'}; remove it or give "
+                          "another --out_dir")
 
 
 def read_json_object(path: str, what: str) -> dict:
@@ -329,9 +337,10 @@ def check_paths(args: argparse.Namespace, err: Err) -> None:
                 f"(known: {', '.join(TARGETS)})")
         args.targets = TARGETS[args.model_type]
     else:
-        args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-        if not args.targets:
-            err("--targets is empty")
+        try:
+            args.targets = comma_list(args.targets, "--targets")
+        except BadFlag as e:
+            err(str(e))
     for key in ("data", "eval_data"):
         path = getattr(args, key)
         if path is not None and not os.path.isfile(path):
@@ -542,7 +551,7 @@ def step_chunks(n_train: int, step: int, args: argparse.Namespace) -> list[list[
     """
     per_epoch = n_train // args.batch_size
     epoch, pos = divmod(step, per_epoch)
-    order = torch.randperm(n_train, generator=torch.Generator().manual_seed(_mix(args.seed, epoch)))
+    order = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed_mix(args.seed, epoch)))
     batch = order[pos * args.batch_size:(pos + 1) * args.batch_size].tolist()
     m = args.micro_batch_size
     return [batch[i:i + m] for i in range(0, len(batch), m)]
@@ -617,54 +626,25 @@ def build_quick_assets(folder: str, layout: str = "llama") -> None:
 # processes
 
 
-class Runtime:
-    """Rank, world size and device of this process; a process group when there are several."""
-
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        self.device = torch.device("cuda", local) if args.device == "cuda" else torch.device("cpu")
-        self.distributed = self.world > 1 or args.fsdp
-        if args.device == "cuda":
-            torch.cuda.set_device(self.device)
-            torch.backends.cuda.matmul.allow_tf32 = True
-        if self.distributed and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("nccl" if args.device == "cuda" else "gloo")
-        self.autocast = uses_bf16(args)
-        self.main = self.rank == 0
-
-    def amp(self) -> AbstractContextManager:
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
-
-    def barrier(self) -> None:
-        if self.distributed:
-            torch.distributed.barrier()
-
-    def sum(self, values: list[float]) -> torch.Tensor:
-        """Element-wise sum over processes of a list of numbers (float64)."""
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if self.distributed:
-            torch.distributed.all_reduce(t)
-        return t.cpu()
-
-    def gather(self, obj: Any) -> list[Any]:
-        if not self.distributed:
-            return [obj]
-        out = [None] * self.world
-        torch.distributed.all_gather_object(out, obj)
-        return out
-
-    def say(self, *a: Any) -> None:
-        if self.main:
-            print(*a, flush=True)
+def setup_runtime(args: argparse.Namespace) -> Runtime:
+    """This process's rank, world and device (mlora_scripts.setup_runtime): a process group under
+    torchrun, or with --fsdp on one process; bf16 autocast where uses_bf16 says so."""
+    return mlora_scripts.setup_runtime(args.device, autocast=torch.bfloat16 if uses_bf16(args) else None,
+                                       process_group=args.fsdp)
 
 
-def check_lockstep(rt: "Runtime", schedule: mlora.Schedule, digest: str, where: str) -> None:
-    """Every process must be at the same schedule step with the same draws so far."""
-    seen = rt.gather((schedule.step, digest))
-    if len(set(seen)) != 1:
-        raise RuntimeError(f"{where}: processes disagree on the schedule (step, draw digest): {seen}")
+def all_sum(rt: Runtime, values: list[float]) -> torch.Tensor:
+    """Element-wise sum over processes of a list of numbers (float64, on the CPU)."""
+    t = torch.tensor(values, dtype=torch.float64, device=rt.device)
+    if rt.world > 1:
+        torch.distributed.all_reduce(t)
+    return t.cpu()
+
+
+def say(rt: Runtime, *a: Any) -> None:
+    """print, on the main process only."""
+    if rt.main:
+        print(*a, flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -674,7 +654,7 @@ def check_lockstep(rt: "Runtime", schedule: mlora.Schedule, digest: str, where: 
 def load_model(args: argparse.Namespace, rt: Runtime) -> nn.Module:
     """The Hugging Face model with float32 adapters, on the CPU (wrap moves or shards it), in train mode."""
     import transformers
-    dtype = torch.bfloat16 if rt.autocast else torch.float32
+    dtype = torch.float32 if rt.autocast is None else rt.autocast   # bf16 base weights under bf16 autocast
     model = transformers.AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True, dtype=dtype)
     torch.manual_seed(args.seed)   # adapter init: identical on every process (FSDP2 relies on it)
     # float32 adapters and AdamW state on a bf16 base: the update is too small for bf16 otherwise
@@ -740,7 +720,7 @@ def evaluate(model: nn.Module, examples: list[Example], args: argparse.Namespace
         part, c, n = forward_sums(model, collate(batches[i % len(batches)], args.pad_id), rt)
         if i < len(batches):
             loss, correct, tokens = loss + part.item(), correct + c, tokens + n
-    loss, correct, tokens = rt.sum([loss, correct, tokens]).tolist()
+    loss, correct, tokens = all_sum(rt, [loss, correct, tokens]).tolist()
     return loss / tokens, correct / tokens
 
 
@@ -810,11 +790,6 @@ def changed_settings(saved: dict, now: dict) -> list[str]:
         if differs:
             changes.append(f"{flag}: {shown(then)} then, {shown(value)} now")
     return changes
-
-
-def write_json(obj: Any, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
 
 
 def file_sha256(path: str) -> str:
@@ -893,7 +868,7 @@ def save_checkpoint(folder: str, model: nn.Module, opt: torch.optim.Optimizer, m
         names = sorted(n for n in os.listdir(tmp) if os.path.isfile(os.path.join(tmp, n)))
         meta = dict(meta, files={n: [os.path.getsize(os.path.join(tmp, n)), file_sha256(os.path.join(tmp, n))]
                                  for n in names})
-        mlora.atomic_write(os.path.join(tmp, "train_state.json"), lambda f: write_json(meta, f))
+        write_json(os.path.join(tmp, "train_state.json"), meta)
         os.replace(tmp, final)
         for old in os.listdir(folder):   # keep the newest only
             if old.startswith("step_") and old != os.path.basename(final):
@@ -968,10 +943,10 @@ def evaluate_and_export(model: nn.Module, held: list[Example], calib: list[Examp
         aurac_token_accuracy_log2=mlora.aurac(args.eval_ranks, accs, "log2"),
         aurac_token_accuracy_linear=mlora.aurac(args.eval_ranks, accs, "linear"),
         aurac_neg_loss_log2=mlora.aurac(args.eval_ranks, neg, "log2"))
-    rt.say(f"\nheld-out split ({len(held)} examples):\n{'rank':>5} {'loss':>8} {'ppl':>9} {'tok acc':>8}")
+    say(rt, f"\nheld-out split ({len(held)} examples):\n{'rank':>5} {'loss':>8} {'ppl':>9} {'tok acc':>8}")
     for r in rows:
-        rt.say(f"{r['rank']:>5} {r['loss']:>8.4f} {r['perplexity']:>9.3f} {r['token_accuracy']:>8.4f}")
-    rt.say(f"AURAC of token accuracy: log2 {results['aurac_token_accuracy_log2']:.4f}, "
+        say(rt, f"{r['rank']:>5} {r['loss']:>8.4f} {r['perplexity']:>9.3f} {r['token_accuracy']:>8.4f}")
+    say(rt, f"AURAC of token accuracy: log2 {results['aurac_token_accuracy_log2']:.4f}, "
            f"linear {results['aurac_token_accuracy_linear']:.4f}")
 
     # per-layer ranks under a budget, calibrated on examples kept out of training
@@ -984,7 +959,7 @@ def evaluate_and_export(model: nn.Module, held: list[Example], calib: list[Examp
         used = mlora.adapter_param_count(model, plan)
         results["budget"] = dict(budget=args.export_budget, parameters=used, plan=plan, loss=loss,
                                  perplexity=math.exp(min(loss, 700)), token_accuracy=acc)
-        rt.say(f"budget {args.export_budget}: {used:,} adapter parameters, ranks {sorted(set(plan.values()))}; "
+        say(rt, f"budget {args.export_budget}: {used:,} adapter parameters, ranks {sorted(set(plan.values()))}; "
                f"held-out loss {loss:.4f}, token accuracy {acc:.4f}")
 
     # exports: the full adapter tensors gathered to process 0 (small: adapters only), written there
@@ -1001,7 +976,7 @@ def evaluate_and_export(model: nn.Module, held: list[Example], calib: list[Examp
             mlora.export_peft(skeleton, rank, os.path.join(args.out_dir, "peft", name),
                               base_model_name_or_path=args.model)
         results["exports"] = {name: os.path.join("peft", name) for name in exports}
-        mlora.atomic_write(os.path.join(args.out_dir, "results.json"), lambda f: write_json(results, f))
+        write_json(os.path.join(args.out_dir, "results.json"), results)
         print(f"wrote {args.out_dir}/results.json, adapter.pt and {len(exports)} PEFT adapters in "
               f"{args.out_dir}/peft", flush=True)
 
@@ -1010,6 +985,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     parser = build_parser()
     args = parse_args(argv, world)
+    run = provenance("examples/finetune_hf.py", argv)   # the command, commit and machine of this run
     if args.quick:   # rank 0 builds the files; the others wait for them (same node)
         folder = os.path.dirname(args.model)
         if int(os.environ.get("RANK", "0")) == 0:
@@ -1041,8 +1017,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
             parser.error(f"{latest} was written with other settings ({'; '.join(changes)}); resume with the "
                          f"same settings, or {fresh}")
 
-    rt = Runtime(args)
-    rt.say(f"{args.data_note}; {steps} steps of "
+    rt = setup_runtime(args)
+    say(rt, f"{args.data_note}; {steps} steps of "
            f"{args.batch_size} sequences = {rt.world} process(es) x {args.accumulation} accumulation x "
            f"{args.micro_batch_size}; {'FSDP2' if args.fsdp else 'DDP' if rt.world > 1 else 'one process'} "
            f"on {rt.device.type}")
@@ -1050,7 +1026,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     schedule = mlora.get_schedule(model)
     layers = mlora.adapter_layers(model)
     n_adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    rt.say(f"{type(model).__name__}: {len(layers)} adapters ({', '.join(args.targets)}), rank {args.rank}, "
+    say(rt, f"{type(model).__name__}: {len(layers)} adapters ({', '.join(args.targets)}), rank {args.rank}, "
            f"{args.method}, train ranks {args.train_ranks}; {n_adapter:,} adapter parameters")
     train_model, sync = wrap(model, args, rt)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -1061,8 +1037,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         load_checkpoint(latest, model, opt)
         schedule.load_state_dict(meta["schedule"])
         start, digest, losses, seconds = meta["step"], meta["digest"], meta["losses"], meta["seconds"]
-        rt.say(f"resumed from {latest} at step {start}")
-    check_lockstep(rt, schedule, digest, "start")
+        say(rt, f"resumed from {latest} at step {start}")
+    check_same_draws(rt, schedule.step, digest, "start")
     if schedule.step != start:
         raise RuntimeError(f"schedule step {schedule.step} differs from the optimizer step {start}")
 
@@ -1081,7 +1057,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         digest = hashlib.sha256((digest + str(step)).encode() + p.numpy().tobytes()).hexdigest()[:16]
         total = 0.0
         for j, c in enumerate(mine):
-            torch.manual_seed(_mix(args.seed, step, c))   # dropout keyed by the micro-batch, not the process
+            torch.manual_seed(seed_mix(args.seed, step, c))   # dropout keyed by the micro-batch, not the process
             with sync(j == len(mine) - 1):
                 loss, _, _ = forward_sums(train_model, collate([train[i] for i in chunks[c]], args.pad_id), rt)
                 # DDP and FSDP2 average gradients over processes: the world factor makes the
@@ -1094,23 +1070,23 @@ def main(argv: Optional[list[str]] = None) -> dict:
         opt.zero_grad(set_to_none=True)
         schedule.advance()
         seconds += time.time() - t0
-        losses.append(rt.sum([total]).item() / n_tokens)
+        losses.append(all_sum(rt, [total]).item() / n_tokens)
         done = step + 1
         if done % args.log_every == 0 or done == steps:
-            rt.say(f"step {done}/{steps}  loss {losses[-1]:.4f}  lr {lr:.2e}  {seconds / done:.2f} s/step")
+            say(rt, f"step {done}/{steps}  loss {losses[-1]:.4f}  lr {lr:.2e}  {seconds / done:.2f} s/step")
         if done % args.ckpt_every == 0 or done == steps:
-            check_lockstep(rt, schedule, digest, f"step {done}")
+            check_same_draws(rt, schedule.step, digest, f"step {done}")
             save_checkpoint(ckpt_dir, model, opt, dict(step=done, schedule=schedule.state_dict(), digest=digest,
                                                        losses=losses, seconds=seconds, config=config), rt)
-    check_lockstep(rt, schedule, digest, "end of training")
+    same_draws = check_same_draws(rt, schedule.step, digest, "end of training")   # raises otherwise
 
-    results = dict(config=dict(config, world=rt.world, fsdp=args.fsdp, eval_ranks=args.eval_ranks),
+    results = dict(provenance=run, config=dict(config, world=rt.world, fsdp=args.fsdp, eval_ranks=args.eval_ranks),
                    train_loss=losses, train_seconds=seconds, schedule_step=schedule.step, draw_digest=digest,
-                   draws_match_across_processes=True,   # check_lockstep raised otherwise
+                   draws_match_across_processes=same_draws,
                    adapter_parameters=n_adapter)
     evaluate_and_export(model, held, calib, args, rt, results)
     rt.barrier()
-    if rt.distributed:
+    if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return results
 

@@ -3,8 +3,9 @@
 #   1. the CUDA tests (tests/test_cuda.py: adapters, merge, export, mixed ranks; float32 and bf16 vs the CPU)
 #   2. python bench.py --device cuda        (eager: see BENCH_FLAGS below)
 #   3. python train_toy.py --device cuda    (its default methods; bf16 autocast, TF32, compile, char-gpu)
-# Every result lands under $OUT (default out/gpu_check): env.json (device name, torch, CUDA, cuDNN,
-# driver, git commit, date), test_cuda.xml, bench_<device>.json, train_toy/results.json and plots,
+# Every result lands under $OUT (default out/gpu_check): env.json (the run record every script
+# writes, mlora_scripts.provenance: command, commit, torch, CPU, date; then the device name, CUDA,
+# cuDNN, driver), test_cuda.xml, bench_<device>.json, train_toy/results.json and plots,
 # a log per step, and summary.json (each step's command, exit code and seconds).
 #
 #   scripts/gpu_check.sh                          # on a machine with one CUDA GPU
@@ -17,6 +18,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
+ARGS=("$@")   # as given, for the run record
 quick=0
 device=cuda
 while [ $# -gt 0 ]; do
@@ -48,20 +50,21 @@ if [ "$device" = cuda ] && ! "$PY" -c "import torch, sys; sys.exit(not torch.cud
     exit 2
 fi
 
-"$PY" - "$OUT/env.json" "$device" <<'EOF'
-import datetime, json, os, platform, subprocess, sys
+# ${ARGS[@]+...}: an empty array is an unset variable to `set -u` in bash before 4.4
+"$PY" - "$OUT/env.json" "$device" ${ARGS[@]+"${ARGS[@]}"} <<'EOF'
+import json, os, platform, shlex, subprocess, sys
+sys.path.insert(0, os.getcwd())   # the repository root (the script cd's there)
 import torch
-path, device = sys.argv[1], sys.argv[2]
+import mlora_scripts
+path, device, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
 def run(*cmd):
     try:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
-env = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           git_commit=run("git", "rev-parse", "HEAD"),
-           git_dirty=bool(run("git", "status", "--porcelain", "--untracked-files=no")),
-           python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
-           cpu_count=os.cpu_count(), platform=platform.platform(), requested_device=device)
+record = mlora_scripts.provenance("scripts/gpu_check.sh", argv)
+record["command"] = shlex.join(["scripts/gpu_check.sh", *argv])   # a bash script, not run by python
+env = dict(provenance=record, cuda=torch.version.cuda, platform=platform.platform(), requested_device=device)
 if device == "cuda":
     env.update(device=torch.cuda.get_device_name(0), cudnn=torch.backends.cudnn.version(),
                capability=".".join(map(str, torch.cuda.get_device_capability(0))),
@@ -70,8 +73,7 @@ if device == "cuda":
                nvidia_smi=run("nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"))
 else:
     env.update(device="cpu")
-with open(path, "w") as f:
-    json.dump(env, f, indent=1)
+mlora_scripts.write_json(path, env)
 print(json.dumps(env, indent=1))
 EOF
 

@@ -25,7 +25,9 @@ value of Student's t at n - 1 degrees of freedom, uncorrected, with a Holm count
 beside every winner table. verdicts() takes {row: {seed: [value per rank]}} and
 the ranks, so any artifact that can be put in that shape gets the same rule.
 
-Only the standard library is needed (matplotlib for --plots).
+Besides the standard library it needs the repository's mlora_scripts.py, whose
+read_provenance gives the run record (command, commit, date, ...) of an artifact
+in any layout the scripts have written, and matplotlib for --plots.
 """
 
 import argparse
@@ -40,6 +42,9 @@ import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)   # mlora_scripts.py sits in the repository root
+from mlora_scripts import PROVENANCE_KEYS, read_provenance  # noqa: E402
+
 ASSETS = os.path.join(ROOT, "assets")
 DOCUMENTS = ["README.md", os.path.join("docs", "evidence.md")]
 
@@ -487,7 +492,7 @@ def toy_command_table():
         lines.append(toy_command(load(name)) + f"   # out/results.json, committed as assets/{name}")
     for name in [SVD_SQRT, SVD_NONE, STRATIFIED_SVD, DYLORA_SVD] + NESTED_MORE:   # runs that record their command
         if os.path.exists(os.path.join(ASSETS, name)):
-            lines.append(load(name)["provenance"]["command"] + f"   # committed as assets/{name}")
+            lines.append(read_provenance(load(name))["command"] + f"   # committed as assets/{name}")
     lines.append("```")
     return "\n".join(lines)
 
@@ -978,7 +983,7 @@ def one_forward():
         lrs = "-" if r["lrs"] is None else "/".join(f"{x:g}" for x in r["lrs"])
         lines.append(row([name, lrs] + [f"{x:.3f}" for x in r["scores"]]
                          + [f"{r['aurac']:.4f} ± {r['aurac_std']:.4f}", paired]))
-    c, p = d["config"], d["provenance"]
+    c, p = d["config"], read_provenance(d)
     return "\n".join(lines) + (
         f"\n\nScore at rank k: the fraction of the base model's output error that the rank-k adapter removes "
         f"(1 = the target). Mean over {len(c['seeds'])} seeds, each a different random problem (d = {c['d']}, "
@@ -987,7 +992,7 @@ def one_forward():
         f"objective on the same problems (paired t and verdict, the rule of section 0; the reference is the "
         f"nested row with the higher mean AURAC). Each row's rate is picked per seed from {c['lrs']} by its own "
         f"AURAC: the population score, the same quantity reported. Run: `{p['command']}` at commit "
-        f"`{p['commit'][:10]}`" + (" (with uncommitted changes)" if p["dirty"] else "")
+        f"`{(p['commit'] or '?')[:10]}`" + (" (with uncommitted changes)" if p["dirty"] else "")
         + f", {p['cpu']}, torch {p['torch']}, {p['date']}.")
 
 
@@ -1074,6 +1079,7 @@ def one_forward_findings():
 @table("budget", BUDGET)
 def budget_table():
     b = load(BUDGET)
+    p = read_provenance(b)   # a provenance dict, or the older flat git_commit, git_dirty, cpu_count
     lines = [header(["budget (uniform k)", "params: uniform / mix", "test loss: uniform", "test loss: mix",
                      "test acc: uniform", "test acc: mix", "calibration calls"])]
     accs = []
@@ -1084,9 +1090,9 @@ def budget_table():
                           r["calib_loss_calls"]]))
     return "\n".join(lines) + (
         f"\n\nOne seed, one run: no spread. Calibration: {b['calib_chars']:,} characters of the validation split. "
-        + noise_note(accs, b["test_chars"]) + f"\n\nRun: `{b['command']}` at commit `{(b['git_commit'] or '?')[:10]}`"
-        + (" (with uncommitted changes)" if b["git_dirty"] else "")
-        + f", torch {b['torch']}, {b['threads']} thread(s), {b['cpu']} ({b['cpu_count']} cores), {b['date']}, "
+        + noise_note(accs, b["test_chars"]) + f"\n\nRun: `{p['command']}` at commit `{(p['commit'] or '?')[:10]}`"
+        + (" (with uncommitted changes)" if p["dirty"] else "")
+        + f", torch {p['torch']}, {p['threads']} thread(s), {p['cpu']} ({p['cores']} cores), {p['date']}, "
           f"{b['wall_seconds']:.0f} s wall time.")
 
 
@@ -1138,14 +1144,16 @@ def bench_table():
                               f"{r['unmerge_max_abs_error']:.2e}"]))
         lines += ["", f"{mm['n_weights']} adapted float32 weights, {mb(mm['adapted_weight_bytes'])} in all, largest "
                       f"{mb(mm['largest_weight_bytes'])}, merged at rank {mm['rank']}. Measured: {mm['how']}."]
-    noise, m, git = b["noise"], b["machine"], b["git"]
+    # the run record: a provenance dict, or the older command / git / date / machine; the device
+    # description is bench.py's own, in machine either way
+    noise, device, p = b["noise"], b["machine"]["device"], read_provenance(b)
     return "\n".join(lines) + (
         f"\n\nA/A controls (the same variant timed twice): training {noise['train_aa']['ratio']:.3f} "
         f"[{noise['train_aa']['min']:.3f}, {noise['train_aa']['max']:.3f}], inference "
         f"{noise['inference_aa']['ratio']:.3f} [{noise['inference_aa']['min']:.3f}, {noise['inference_aa']['max']:.3f}]"
-        f"; a ratio closer to 1 than that says nothing. Run: `{b['command']}` at commit `{git['commit'][:10]}`"
-        + (" (with uncommitted changes)" if git["dirty"] else "")
-        + f", {m['device']}, {m['threads']} thread(s), torch {m['torch']}, {b['date']}"
+        f"; a ratio closer to 1 than that says nothing. Run: `{p['command']}` at commit `{(p['commit'] or '?')[:10]}`"
+        + (" (with uncommitted changes)" if p["dirty"] else "")
+        + f", {device}, {p['threads']} thread(s), torch {p['torch']}, {p['date']}"
         + (f", {b['wall_s']:.0f} s wall time" if b.get("wall_s") else "") + ".")
 
 
@@ -1277,11 +1285,12 @@ def sweep_picks():
                           ", ".join(lr_text(x) for x in r["tried"]), br,
                           len(r["seeds"]) if r["seeds"] else "incomplete"]))
     s = artifact.get("sessions") or [{}]
+    last = read_provenance(s[-1]) if s[-1] else dict.fromkeys(PROVENANCE_KEYS)
     return "\n".join(lines) + (
         f"\n\nPicks by scripts/sweep.py's own rule (validation AURAC log2 of its seed-0 grid runs). "
         f"{len(artifact['runs'])} runs recorded; still to come: " + ("; ".join(pending) if pending else "nothing")
-        + f". Sessions: {len(s)}, the last `{s[-1].get('command')}` at commit `{(s[-1].get('commit') or '?')[:10]}`"
-        f", {s[-1].get('cpu')}, torch {s[-1].get('torch')}, {s[-1].get('date')}.")
+        + f". Sessions: {len(s)}, the last `{last['command']}` at commit `{(last['commit'] or '?')[:10]}`"
+        f", {last['cpu']}, torch {last['torch']}, {last['date']}.")
 
 
 @table("sweep_winners", SWEEP, TOY)

@@ -11,6 +11,8 @@ downloaded. Each process runs on one thread (OMP_NUM_THREADS=1).
 import importlib.util
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -117,6 +119,27 @@ def test_ddp_and_fsdp_match_one_process(runs, record_property):
     losses = single["train_loss"]
     assert sum(losses[-4:]) < sum(losses[:4])
     assert all(reference[k].abs().max() > 0 for k in reference if k.endswith("lora_B"))
+
+
+def test_results_record_provenance(runs):
+    """results.json carries mlora_scripts.provenance: the command as typed, this checkout's commit."""
+    import mlora_scripts
+    out_dir, res = runs["single"]
+    p = res["provenance"]
+    assert tuple(p) == mlora_scripts.PROVENANCE_KEYS
+    assert p["command"].startswith("python examples/finetune_hf.py --quick ")
+    assert shlex.join(["--out_dir", str(out_dir)]) in p["command"]
+    assert p["torch"] == torch.__version__ and p["threads"] == 1   # OMP_NUM_THREADS=1
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True).returncode == 0:
+        # this checkout's commit, or one before it (the tree may be committed to while the tests run)
+        assert re.fullmatch("[0-9a-f]{40}", p["commit"]) and isinstance(p["dirty"], bool), p
+        ancestor = subprocess.run(["git", "merge-base", "--is-ancestor", p["commit"], "HEAD"], cwd=ROOT)
+        assert ancestor.returncode == 0, p["commit"]
+    else:
+        assert p["commit"] is None and p["dirty"] is None
+    assert mlora_scripts.read_provenance(res) == p
+    _, ddp = runs["ddp"]   # each process of a torchrun records the same command, without the launcher
+    assert ddp["provenance"]["command"].startswith("python examples/finetune_hf.py --quick ")
 
 
 def complete_checkpoints(out_dir):
@@ -293,10 +316,21 @@ def test_bad_flags(assets, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     model, data = str(assets / "model"), str(assets / "data.jsonl")
     base = ["--model", model, "--data", data, "--out_dir", str(tmp_path / "out"), "--seq_len", "64"]
-    fails(base + ["--rank", "0"], capsys, "--rank must be a positive integer, got 0")
+    # number flags: argparse names the flag, mlora_scripts' flag type the bound and the value
+    fails(base + ["--rank", "0"], capsys, "argument --rank: must be an integer > 0, got '0'")
+    fails(base + ["--steps", "-1"], capsys, "argument --steps: must be an integer >= 0, got '-1'")
+    fails(base + ["--grad_clip", "inf"], capsys, "argument --grad_clip: must be a finite number >= 0, got 'inf'")
+    fails(base + ["--warmup_ratio", "1"], capsys, "--warmup_ratio must be in [0, 1), got 1.0")
+    fails(base + ["--eval_fraction", "0"], capsys, "argument --eval_fraction: must be a finite number > 0, got '0'")
+    fails(base + ["--seed", str(2 ** 64)], capsys, f"--seed must be below 2**63, got {2 ** 64}")
+    fails(base + ["--eval_ranks", "1,,4"], capsys, "--eval_ranks '1,,4' has an empty entry")
+    fails(base + ["--eval_ranks", "4,4"], capsys, "--eval_ranks '4,4' lists 4 twice")
+    fails(base + ["--eval_ranks", "0,4"], capsys, "--eval_ranks must be an integer >= 1, got '0'")
+    fails(base + ["--targets", "q_proj,"], capsys, "--targets 'q_proj,' has an empty entry")
+    fails(base + ["--export_budget", "-3"], capsys, "--export_budget must be an int (parameters) >= 1")
     fails(base + ["--train_ranks", "1,64"], capsys, "--train_ranks has rank 64")
     fails(base + ["--batch_size", "10", "--micro_batch_size", "4"], capsys, "--batch_size 10")
-    fails(base + ["--export_budget", "1.5"], capsys, "1.5")
+    fails(base + ["--export_budget", "1.5"], capsys, "--export_budget 1.5 as a fraction must be in (0, 1]")
     fails(base + ["--lr", "nan"], capsys, "--lr")
     fails(base + ["--fsdp"], capsys, "--fsdp needs torchrun")
     fails(["--model", str(tmp_path / "nope"), "--data", data], capsys, "nope")
@@ -312,6 +346,17 @@ def test_bad_flags(assets, tmp_path, capsys, monkeypatch):
 
 
 def test_lockstep_check_catches_diverged_processes():
+    """The script checks its draws with mlora_scripts.check_same_draws (schedule step, draw digest)."""
+    class OneProcess:   # records what this process sends to the others
+        def gather(self, obj):
+            self.sent = obj
+            return [obj]
+
+    def sent(step, digest):   # what a process at this step with this draw digest sends
+        process = OneProcess()
+        assert finetune_hf.check_same_draws(process, step, digest, "there")
+        return process.sent
+
     class TwoProcesses:   # what all_gather_object would return from two processes
         def __init__(self, other):
             self.other = other
@@ -321,11 +366,11 @@ def test_lockstep_check_catches_diverged_processes():
 
     schedule = mlora.make_schedule("dylora", 8, seed=3)
     schedule.step = 5
-    finetune_hf.check_lockstep(TwoProcesses((5, "abc")), schedule, "abc", "here")   # in step: passes
-    with pytest.raises(RuntimeError, match="processes disagree"):
-        finetune_hf.check_lockstep(TwoProcesses((4, "abc")), schedule, "abc", "here")
-    with pytest.raises(RuntimeError, match="processes disagree"):
-        finetune_hf.check_lockstep(TwoProcesses((5, "abd")), schedule, "abc", "here")
+    assert finetune_hf.check_same_draws(TwoProcesses(sent(5, "abc")), schedule.step, "abc", "here")   # in step
+    with pytest.raises(RuntimeError, match="here: processes disagree"):
+        finetune_hf.check_same_draws(TwoProcesses(sent(4, "abc")), schedule.step, "abc", "here")
+    with pytest.raises(RuntimeError, match="here: processes disagree"):
+        finetune_hf.check_same_draws(TwoProcesses(sent(5, "abd")), schedule.step, "abc", "here")
 
 
 def test_resume_with_other_settings_is_refused(runs, capsys, monkeypatch):

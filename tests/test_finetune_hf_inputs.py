@@ -192,9 +192,11 @@ def test_fractional_budget_below_the_smallest_plan(assets, tmp_path, capsys, mon
 def test_out_dir_that_is_a_file(assets, tmp_path, capsys, monkeypatch):
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder")
-    refused(inputs(assets, a_file), f"--out_dir {str(a_file)!r} is an existing file", capsys, monkeypatch, tmp_path)
-    refused(inputs(assets, a_file / "sub"), f"{str(a_file)!r} is a file", capsys, monkeypatch, tmp_path)
-    refused(["--quick", "--out_dir", a_file], "is an existing file", capsys, monkeypatch, tmp_path)
+    refused(inputs(assets, a_file), f"--out_dir {str(a_file)!r} is a file, not a directory", capsys, monkeypatch,
+            tmp_path)
+    refused(inputs(assets, a_file / "sub"), f"{str(a_file)!r} is a file", capsys, monkeypatch, tmp_path,
+            f"--out_dir {str(a_file / 'sub')!r} cannot be made")
+    refused(["--quick", "--out_dir", a_file], "is a file, not a directory", capsys, monkeypatch, tmp_path)
     # what the run writes inside it, in the way
     out = tmp_path / "out"
     (out / "checkpoints").parent.mkdir()
@@ -210,7 +212,6 @@ def test_hidden_test_hook_is_gone(assets, tmp_path, capsys, monkeypatch):
 def test_every_function_has_type_hints():
     functions = [f for _, f in inspect.getmembers(finetune_hf, inspect.isfunction)
                  if f.__module__ == finetune_hf.__name__]
-    functions += [f for _, f in inspect.getmembers(finetune_hf.Runtime, inspect.isfunction)]
     assert len(functions) > 30
     missing = []
     for f in functions:

@@ -182,6 +182,50 @@ def test_unknown_or_unclosed_marker_is_an_error():
         report.regenerate("<!-- report:budget -->\n", "x.md", [])
 
 
+# the run record of bench.py and examples/budget.py, before mlora_scripts.provenance (the layouts
+# of the committed assets) and after it (a 'provenance' dict; what a rerun writes)
+OLD_RECORD = {"budget.json": dict(top=("command", "git_commit", "git_dirty", "torch", "python", "threads", "cpu",
+                                       "cpu_count", "date")),
+              "bench_cpu.json": dict(top=("command", "git", "date"),
+                                     machine=("cpu_model", "cpu_count", "threads", "torch", "python"))}
+
+
+def _new_layout(name, date):
+    """The committed asset with its run record moved into mlora_scripts' 'provenance' dict (date
+    replaced), the older keys removed; -> (artifact, the record it holds)."""
+    import mlora_scripts
+    artifact = json.loads((ROOT / "assets" / name).read_text())
+    record = dict(mlora_scripts.read_provenance(artifact), date=date)
+    assert record["command"] and record["commit"] and record["torch"], record   # the committed one has them
+    for key in OLD_RECORD[name]["top"]:
+        del artifact[key]
+    for key in OLD_RECORD[name].get("machine", ()):
+        del artifact["machine"][key]
+    return dict(artifact, provenance=record), record
+
+
+def test_tables_read_both_provenance_layouts(tmp_path, monkeypatch):
+    """The budget and bench tables render the same run line from the committed (older) layout and
+    from a 'provenance' dict: the same command, commit, torch and threads, and the new file's date."""
+    report = _report()
+    committed = {"budget.json": report.budget_table(), "bench_cpu.json": report.bench_table()}
+    date = "2031-01-02T03:04:05+00:00"   # in no committed asset: seen only if read from the new layout
+    records = {}
+    for name in committed:
+        artifact, records[name] = _new_layout(name, date)
+        (tmp_path / name).write_text(json.dumps(artifact))
+    monkeypatch.setattr(report, "ASSETS", str(tmp_path))
+    regenerated = {"budget.json": report.budget_table(), "bench_cpu.json": report.bench_table()}
+    for name, text in regenerated.items():
+        r = records[name]
+        run_line = text[text.index("Run: `"):]
+        assert f"Run: `{r['command']}` at commit `{r['commit'][:10]}`" in run_line, run_line
+        assert f"{r['threads']} thread(s)" in run_line and f"torch {r['torch']}" in run_line
+        assert date in run_line and date not in committed[name]
+        old = json.loads((ROOT / "assets" / name).read_text())
+        assert text == committed[name].replace(report.read_provenance(old)["date"], date)   # nothing else moved
+
+
 # -----------------------------------------------------------------------------
 # the statistics, against values worked out by hand or read from a printed t table
 
