@@ -237,7 +237,8 @@ def _add_run_flags(g):
     g.add_argument("--threads", type=nonneg_int, default=0, help="torch CPU threads (0: torch's default)")
     g.add_argument("--out_dir", default=None,
                    help="results, checkpoints and plots (default: out, or out/quick with --quick)")
-    g.add_argument("--quick", action="store_true", help="tiny model and few steps, into out/quick: a smoke test of the whole pipeline")
+    g.add_argument("--quick", action="store_true",
+                   help="tiny model and few steps, into out/quick: a smoke test of the whole pipeline")
     g.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its checkpoints (same flags)")
     g.add_argument("--ckpt_every", type=auto_positive_int, default="auto",

@@ -92,7 +92,7 @@ def train_step(model, ids, autocast):
     with autocast():
         logits, loss = model(ids, ids)                  # (B, T, vocab), ()
     loss.backward()
-    grads = {n: (l.lora_A.grad, l.lora_B.grad) for n, l in mlora.adapter_layers(model).items()}
+    grads = {n: (layer.lora_A.grad, layer.lora_B.grad) for n, layer in mlora.adapter_layers(model).items()}
     return loss, logits, grads
 
 
@@ -147,11 +147,11 @@ def test_merge_unmerge_matches_cpu(device, precision, keep_original):
     want = logits_at(reference, ids, contextlib.nullcontext)
     mlora.set_rank(reference, None)
     mlora.merge(reference, k)
-    want_weights = {n: l.base_layer.weight.clone() for n, l in mlora.adapter_layers(reference).items()}
+    want_weights = {n: layer.base_layer.weight.clone() for n, layer in mlora.adapter_layers(reference).items()}
 
     model, autocast = place(tiny_model(), device, precision)
     layers = mlora.adapter_layers(model)
-    before = {n: l.base_layer.weight.clone() for n, l in layers.items()}
+    before = {n: layer.base_layer.weight.clone() for n, layer in layers.items()}
     mlora.merge(model, k, keep_original=keep_original)
     merged = logits_at(model, ids, autocast)
     assert merged.device.type == device and rel_err(merged, want) < tol

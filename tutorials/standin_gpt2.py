@@ -5,9 +5,10 @@ Face GPT-2 directory, with the same key names and the same Conv1D (in, out) weig
 then loads it with the very calls it uses for the real model (mlora.GPT.from_pretrained, mlora.load_tokenizer).
 
 What it is: a small mlora.GPT (by default 4 layers, 128 wide, about 0.9M parameters) pretrained for a few
-hundred steps on the source code of some Python standard-library modules, with a byte-level BPE tokenizer of 1024 tokens trained
-on the same text. It has learned something (Python, English docstrings), so perplexities and their changes
-mean something, but it is nowhere near GPT-2. Nothing is downloaded: every text is already on disk.
+hundred steps on the source code of some Python standard-library modules, with a byte-level BPE tokenizer
+of 1024 tokens trained on the same text. It has learned something (Python, English docstrings), so
+perplexities and their changes mean something, but it is nowhere near GPT-2. Nothing is downloaded: every
+text is already on disk.
 """
 
 import importlib
