@@ -630,7 +630,7 @@ def _width(schedule: mlora.Schedule, batch: int, model: nn.Module) -> int:
     the schedule's cache entry for the adapters' own device and dtype (the one the forward
     filled), so no second per-device copy of p is made."""
     A = next(iter(mlora.adapter_layers(model).values())).lora_A
-    return schedule.device_p(batch, A.device, A.dtype).shape[-1]
+    return schedule.p_for_forward(batch, A.device, A.dtype).shape[-1]
 
 
 # -----------------------------------------------------------------------------

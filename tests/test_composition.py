@@ -16,9 +16,9 @@ import functools
 import pytest
 import torch
 import torch.utils.checkpoint as checkpoint
-from conftest import GPT2_TARGETS, LLAMA_TARGETS
 
 import mlora
+from conftest import GPT2_TARGETS, LLAMA_TARGETS
 
 VOCAB = 32
 REL_TOL = 1e-6

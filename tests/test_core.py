@@ -276,7 +276,7 @@ def test_draws_depend_on_seed_and_step_only(cls):
         out = []
         for _ in range(n):
             schedule.advance()
-            out.append(schedule.b if cls is mlora.DyLoRASchedule else schedule.row_ranks(6).tolist())
+            out.append(schedule.drawn_rank if cls is mlora.DyLoRASchedule else schedule.row_ranks(6).tolist())
         return out
     assert draws(0) == draws(0)
     assert draws(0) != draws(1)
@@ -372,7 +372,7 @@ def eq_dylora(dtype, scaling="sqrt", alpha=1.5):
     pairs, seen = [], set()
     for _ in range(8):
         got = output_and_grads(model, x, w)      # the pre-hook draws a new b before the forward
-        b = schedule.b
+        b = schedule.drawn_rank
         seen.add(b)
         pairs += compare(f"dylora b={b}", got, by_hand(layer, x, w, [(b, s(b, scaling, alpha))]))
     assert len(seen) > 1, f"8 draws all gave b={seen}"
@@ -380,7 +380,7 @@ def eq_dylora(dtype, scaling="sqrt", alpha=1.5):
     schedule = mlora.get_schedule(model)
     for _ in range(4):
         got = output_and_grads(model, x, w)
-        b = schedule.b
+        b = schedule.drawn_rank
         schedule.auto_advance = False
         mlora.set_rank(model, b)
         want = output_and_grads(model, x, w)
@@ -403,9 +403,9 @@ def frozen_dylora(dtype):
     x, w = input_and_cotangent(dtype)
     for _ in range(50):   # find a draw with components below b
         got = output_and_grads(model, x, w)
-        if schedule.b >= 2:
+        if schedule.drawn_rank >= 2:
             break
-    b = schedule.b
+    b = schedule.drawn_rank
     assert b >= 2
     return b, got, by_hand(layer, x, w, [(b, s(b))])
 
@@ -440,7 +440,7 @@ def dylora_mean_p_deviation(draws=4000, rank=32):
     for _ in range(draws):
         schedule.advance()
         total += schedule.p()
-        counts[schedule.b] += 1
+        counts[schedule.drawn_rank] += 1
     expected = torch.tensor([sum(s(k) for k in ranks if k >= i) for i in range(1, rank + 1)]) / len(ranks)
     freq_dev = max(abs(c / draws - 1 / len(ranks)) for c in counts.values())
     return float((total / draws - expected).abs().max()), freq_dev
@@ -462,8 +462,8 @@ def test_dylora_sample_all_draws_from_1_to_r():
     for _ in range(300):   # P(some rank of 8 missed in 300 draws) < 8 (7/8)^300 ~ 1e-16
         everything.advance()
         from_S.advance()
-        drawn_all.add(everything.b)
-        drawn_S.add(from_S.b)
+        drawn_all.add(everything.drawn_rank)
+        drawn_S.add(from_S.drawn_rank)
     assert drawn_all == set(range(1, R + 1))
     assert drawn_S == set(S)
 
@@ -515,7 +515,7 @@ def test_training_in_eval_mode_advances_dynamic_schedules():
     for i in range(1, 13):
         model(x).sum().backward()
         assert schedule.step == i
-        drawn.append(schedule.b)
+        drawn.append(schedule.drawn_rank)
     assert len(set(drawn)) > 1
     with torch.no_grad():
         model(x)                      # evaluation: no draw
@@ -767,7 +767,7 @@ def test_merge_unmerge_twice_and_other_rank(keep_original):
     with pytest.raises(ValueError, match="merged at rank 8"):
         layers["fc1"].set_rank(None)
     with pytest.raises(ValueError, match="merged at rank 8"):
-        mlora.set_rank(model, {"fc2": 2})
+        mlora.set_rank(model, {"fc1": 2, "fc2": 2})
 
     merged = weights()
     for mode in (model.train, model.eval, model.train):
@@ -783,9 +783,12 @@ def test_merge_unmerge_twice_and_other_rank(keep_original):
     mlora.set_rank(model, 3)              # allowed again
 
     mlora.set_rank(model, None)
-    mlora.merge(model, {"fc1": 4}, keep_original=keep_original)   # per-layer plan: fc2 stays unmerged
+    mlora.merge(model, {"fc1": 4, "fc2": None}, keep_original=keep_original)   # a plan: fc2 stays unmerged
     assert layers["fc1"].merged_rank == 4 and layers["fc2"].merged_rank is None
     assert torch.equal(layers["fc2"].base_layer.weight, restored["fc2"])   # untouched
+    mlora.merge(model, {"fc1": None, "fc2": 4}, keep_original=keep_original)   # None unmerges fc1
+    assert layers["fc1"].merged_rank is None and layers["fc2"].merged_rank == 4
+    assert same(layers["fc1"].base_layer.weight, restored["fc1"])
 
 
 # -----------------------------------------------------------------------------
@@ -965,30 +968,30 @@ def test_evaluate_ranks_returns_the_curve_and_restores_ranks():
 # bad input: refused before anything changes
 
 
-@pytest.mark.parametrize("options, bad", [
-    (dict(rank=0), "0"),
-    (dict(rank=-2), "-2"),
-    (dict(rank=2.0), "2.0"),
-    (dict(train_ranks=[]), "empty"),
-    (dict(train_ranks=[0, 2]), "0"),
-    (dict(train_ranks=[-1, 4]), "-1"),
-    (dict(train_ranks=[2, 16]), "16"),
-    (dict(method="lorax"), "lorax"),
-    (dict(scaling="log"), "log"),
-    (dict(alpha=float("nan")), "nan"),
-    (dict(alpha=float("inf")), "inf"),
-    (dict(targets="attention"), "attention"),
-    (dict(targets=[]), "empty"),
-    (dict(dropout=1.5), "1.5"),
-    (dict(weights=[1.0, 2.0]), "[1.0, 2.0]"),
-    (dict(method="dylora", sample="some"), "some"),
+@pytest.mark.parametrize("options, error, bad", [
+    (dict(rank=0), ValueError, "0"),
+    (dict(rank=-2), ValueError, "-2"),
+    (dict(rank=2.0), TypeError, "2.0"),
+    (dict(train_ranks=[]), ValueError, "empty"),
+    (dict(train_ranks=[0, 2]), ValueError, "0"),
+    (dict(train_ranks=[-1, 4]), ValueError, "-1"),
+    (dict(train_ranks=[2, 16]), ValueError, "16"),
+    (dict(method="lorax"), ValueError, "lorax"),
+    (dict(scaling="log"), ValueError, "log"),
+    (dict(alpha=float("nan")), ValueError, "nan"),
+    (dict(alpha=float("inf")), ValueError, "inf"),
+    (dict(targets="attention"), ValueError, "attention"),
+    (dict(targets=[]), ValueError, "empty"),
+    (dict(dropout=1.5), ValueError, "1.5"),
+    (dict(weights=[1.0, 2.0]), ValueError, "[1.0, 2.0]"),
+    (dict(method="dylora", sample="some"), ValueError, "some"),
 ])
-def test_bad_inject_raises_and_leaves_model_unchanged(options, bad):
+def test_bad_inject_raises_and_leaves_model_unchanged(options, error, bad):
     model = bare_mlp(torch.float32)
     model.fc1.bias.requires_grad_(False)   # a mixed set of flags, which must survive
     before = snapshot(model)
     kwargs = dict(dict(targets=["fc1", "fc2"], rank=R), **options)
-    with pytest.raises(ValueError, match=re.escape(bad)):
+    with pytest.raises(error, match=re.escape(bad)):
         mlora.inject(model, **kwargs)
     assert_same(before, snapshot(model))
 
@@ -1050,13 +1053,16 @@ def test_inject_twice_raises_and_remove_restores():
 def test_layer_rejects_bad_ranks():
     with pytest.raises(ValueError, match="got 0"):
         mlora.MatryoshkaLinear(nn.Linear(4, 4), 0)
-    with pytest.raises(ValueError, match="Conv2d"):
+    with pytest.raises(TypeError, match="Conv2d"):
         mlora.MatryoshkaLinear(nn.Conv2d(2, 2, 1), 2)
     layer = mlora.MatryoshkaLinear(nn.Linear(4, 4), R)
-    for bad, message in [(0, "got 0"), (-1, "got -1"), (R + 1, "rank 9 is above"), (2.5, "got 2.5"),
-                         (torch.tensor([1, R + 1]), "rank 9 outside"), (torch.tensor([0, 1]), "rank 0 outside"),
-                         (torch.tensor([1.0, 2.0]), "float"), (torch.tensor([[1, 2]]), "(1, 2)")]:
-        with pytest.raises(ValueError, match=re.escape(message)):
+    for bad, error, message in [(0, ValueError, "got 0"), (-1, ValueError, "got -1"),
+                                (R + 1, ValueError, "rank 9 is above"), (2.5, TypeError, "got 2.5"),
+                                (torch.tensor([1, R + 1]), ValueError, "rank 9 outside"),
+                                (torch.tensor([0, 1]), ValueError, "rank 0 outside"),
+                                (torch.tensor([1.0, 2.0]), TypeError, "float"),
+                                (torch.tensor([[1, 2]]), ValueError, "(1, 2)")]:
+        with pytest.raises(error, match=re.escape(message)):
             layer.set_rank(bad)
         assert layer.active_rank is None   # a failed set_rank changes nothing
     for bad, message in [(0, "got 0"), (R + 1, "merge rank 9 is above")]:

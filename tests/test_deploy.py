@@ -184,14 +184,14 @@ def test_export_errors(tmp_path):
     with pytest.raises(ValueError, match="no Matryoshka adapters"):
         mlora.export_peft(model, 2, tmp_path / "a")
     names = mlora.inject(model, ["c_attn"], rank=4)
-    with pytest.raises(ValueError, match="above its trained rank 4"):
+    with pytest.raises(ValueError, match="above the adapter rank 4"):
         mlora.export_peft(model, 8, tmp_path / "a")
-    for bad in [0, -1, True, 2.0]:
-        with pytest.raises(ValueError, match="positive int"):
+    for bad, error in [(0, ValueError), (-1, ValueError), (True, TypeError), (2.0, TypeError)]:
+        with pytest.raises(error, match="positive int"):
             mlora.export_peft(model, bad, tmp_path / "a")
-    with pytest.raises(ValueError, match="missing"):
+    with pytest.raises(KeyError, match="missing"):   # a rank plan names every adapter
         mlora.export_peft(model, {names[0]: 2}, tmp_path / "a")
-    with pytest.raises(ValueError, match="unknown"):
+    with pytest.raises(KeyError, match="unknown"):
         mlora.export_peft(model, {**{n: 2 for n in names}, "nope": 1}, tmp_path / "a")
     assert not (tmp_path / "a").exists()   # nothing written on a bad call
 

@@ -405,7 +405,7 @@ def test_schedule_advances_for_keyword_calls_dylora():
     drawn = []
     for _ in range(12):
         model(input_ids=x)
-        drawn.append(schedule.b)
+        drawn.append(schedule.drawn_rank)
     assert schedule.step == 12 and len(set(drawn)) > 1
     model.eval()
     with torch.no_grad():

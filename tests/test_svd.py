@@ -281,8 +281,9 @@ def test_svd_reorder_refusals():
         with pytest.raises(TypeError, match="calibrate must be a callable"):
             mlora.svd_reorder(model, calibrate=bad)
         assert_same(before, snapshot(model))
-    for bad in [0, -1e-3, 1.0, True, float("nan")]:
-        with pytest.raises(ValueError, match="damping"):
+    for bad, error in [(0, ValueError), (-1e-3, ValueError), (1.0, ValueError), (True, TypeError),
+                       (float("nan"), ValueError), ("1e-6", TypeError)]:
+        with pytest.raises(error, match="damping"):
             mlora.svd_reorder(model, damping=bad)
         assert_same(before, snapshot(model))
 
@@ -322,7 +323,7 @@ def test_svd_reorder_refusals():
 
     mlora.merge(model, 2, keep_original=True)   # so that unmerge restores the base bit for bit
     merged = snapshot(model)
-    with pytest.raises(ValueError, match="merged at rank 2; unmerge first"):
+    with pytest.raises(ValueError, match="merged at rank 2; unmerge before svd_reorder"):
         mlora.svd_reorder(model)
     assert_same(merged, snapshot(model))
     mlora.unmerge(model)
@@ -491,6 +492,12 @@ BAD = {
                        ValueError, "not a module of the model"),
     "two adapters": (_two_adapter_names, ValueError, "several adapters"),
     "non-finite": (_nan_B, ValueError, "not a finite"),
+    # fields are an allow-list: one import_peft does not know is refused by name unless it is off
+    "unknown field": (_set("lora_output_gain", 2.0), ValueError, "lora_output_gain=2.0 is not supported"),
+    "unknown flag on": (_set("use_future_trick", True), ValueError, "use_future_trick=True is not supported"),
+    "qalora": (_set("use_qalora", True), ValueError, "use_qalora=True"),
+    "layer_replication": (_set("layer_replication", [[0, 1]]), ValueError, "layer_replication"),
+    "trainable tokens": (_set("trainable_token_indices", [0, 1]), ValueError, "trainable_token_indices"),
 }
 
 
@@ -533,3 +540,28 @@ def test_import_peft_refusals(tmp_path):
     with pytest.raises(ValueError, match="already has Matryoshka adapters"):
         mlora.import_peft(model, adapter_dir)
     assert_same(adapted, snapshot(model))
+
+
+def test_import_peft_accepts_fields_that_do_not_change_the_math(tmp_path):
+    """Bookkeeping fields with any value, fields that act only with another field that is off,
+    and fields import_peft does not know but that are off (None, False, empty) all import,
+    with PEFT's outputs."""
+    base_dir, adapter_dir, theirs = peft_adapter("gpt2", tmp_path, r=4, lora_alpha=8, target_modules=["c_attn"])
+    with open(adapter_dir / "adapter_config.json") as f:
+        config = json.load(f)
+    config.update(revision="main", peft_version="99.0.0", task_type="CAUSAL_LM", qalora_group_size=32,
+                  megatron_core="megatron.core.other", layers_pattern=None, future_config=None,
+                  use_future_trick=False, future_modules=[], future_pattern={}, future_name="")
+    with open(adapter_dir / "adapter_config.json", "w") as f:
+        json.dump(config, f)
+    model = transformers.GPT2LMHeadModel.from_pretrained(base_dir).eval()
+    mlora.import_peft(model, adapter_dir)
+    assert (logits_of(model, token_ids()) - theirs).abs().max() < TOL
+
+
+def test_export_peft_writes_only_fields_import_peft_takes(tmp_path):
+    model = tiny_gpt(VOCAB)
+    mlora.inject(model, GPT2_TARGETS, rank=4)
+    for scaling_rank in (2, {n: [1, 4][i % 2] for i, n in enumerate(mlora.adapter_layers(model))}):
+        config = mlora.export_peft(model, scaling_rank, tmp_path / "a", base_model_name_or_path="gpt2")
+        assert set(config) <= set(mlora._PEFT_READ) | set(mlora._PEFT_HARMLESS), config

@@ -277,7 +277,7 @@ def test_width_reads_the_schedule_cache_of_the_forward():
         _, loss = model(x, x)
         loss.backward()
         width = train_toy._width(schedule, 4, model)
-        assert width == schedule.b   # the rank drawn for this step
+        assert width == schedule.drawn_rank   # the rank drawn for this step
         widths.add(width)
         assert len(schedule._cache) == 1   # only the entry the forward made (cpu, float32)
     assert len(widths) > 1   # several draws seen
