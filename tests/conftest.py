@@ -6,12 +6,25 @@ this folder on sys.path, and so does `python tests/<file>.py`). transformers and
 are imported inside the functions that need them, so tests of mlora alone never load
 them.
 """
+import importlib.util
+import os
 import warnings
 
 import pytest
 import torch
 
 import mlora
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script(relpath: str, name: str):
+    """A script of the repository (examples/, scripts/: not packages) loaded as a module."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, relpath))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]   # the paper's

@@ -8,13 +8,14 @@ created or changed. Cases run `main` in-process (parse errors come before anythi
 heavy); a few run train_toy.py as a subprocess, as a user would.
 """
 
-import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+
+from conftest import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -226,12 +227,7 @@ def test_bad_flag_from_the_shell(argv, expected, tmp_path):
 
 
 def _script(relpath: str):
-    """A script of the repository loaded as a module (scripts/ and examples/ are not packages)."""
-    name = "cli_" + os.path.basename(relpath)[:-3]
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, relpath))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(relpath, "cli_" + os.path.basename(relpath)[:-3])
 
 
 # (script, the function its work starts with, flags, text the error line must contain)

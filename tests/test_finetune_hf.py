@@ -8,7 +8,6 @@ resuming: test_finetune_hf_inputs.py).
 Every checkpoint is a tiny random one that the script builds itself (--quick); nothing is
 downloaded. Each process runs on one thread (OMP_NUM_THREADS=1).
 """
-import importlib.util
 import json
 import os
 import re
@@ -25,12 +24,11 @@ import pytest
 import torch
 
 import mlora
+from conftest import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "finetune_hf.py")
-spec = importlib.util.spec_from_file_location("finetune_hf", SCRIPT)
-finetune_hf = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(finetune_hf)
+finetune_hf = load_script(os.path.join("examples", "finetune_hf.py"), "finetune_hf")
 
 # every compared run: the same data, seed and global batch (16 sequences in micro-batches of 4);
 # stratified, so each step's per-row rank draw must agree across processes

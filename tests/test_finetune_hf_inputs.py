@@ -9,7 +9,6 @@ The checkpoint cases resume a copy of one short trained run (2 steps, a tiny ran
 Llama that the script builds itself): a damaged checkpoint and changed settings are
 refused naming the file or the setting. Nothing is downloaded.
 """
-import importlib.util
 import inspect
 import json
 import os
@@ -22,11 +21,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest
 
+from conftest import load_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "finetune_hf.py")
-spec = importlib.util.spec_from_file_location("finetune_hf_inputs", SCRIPT)
-finetune_hf = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(finetune_hf)
+finetune_hf = load_script(os.path.join("examples", "finetune_hf.py"), "finetune_hf_inputs")
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
 # small settings for a model of 128 positions and 240 examples; the trained run adds the budget export
