@@ -149,6 +149,27 @@ def test_transformers_gradient_checkpointing_leaves_gradients_unchanged(method, 
     assert_same_training(reference, model)
 
 
+@pytest.mark.parametrize("forwards_per_backward", [1, 2])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_whole_model_reentrant_checkpoint_leaves_gradients_unchanged(method, forwards_per_backward):
+    """Reentrant checkpointing needs an input that requires grad, so around a whole model it
+    takes the embeddings (token ids cannot require grad): the model's pre-hook then fires in
+    the gradient-free first pass, which must advance the schedule once, and again in the
+    recompute, which must not."""
+    reference = llama_with_adapters(method)
+    train_two_steps(training_loss(method, reference, llama_loss), BATCHES, forwards_per_backward)
+
+    model = llama_with_adapters(method)
+
+    def whole_model_loss(m, tokens):
+        embeddings = m.get_input_embeddings()(tokens).detach().requires_grad_()
+        return checkpoint.checkpoint(lambda e: m(inputs_embeds=e, labels=tokens).loss, embeddings,
+                                     use_reentrant=True)
+
+    train_two_steps(training_loss(method, model, whole_model_loss), BATCHES, forwards_per_backward)
+    assert_same_training(reference, model)
+
+
 @pytest.mark.parametrize("checkpointing", [None, "per-block non-reentrant", "per-block reentrant"])
 def test_nested_loss_backward_per_rank_equals_one_backward(checkpointing):
     """nested_loss(backward=True) keeps one rank's graph alive at a time: same gradients."""
