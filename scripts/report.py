@@ -1123,15 +1123,28 @@ def bench_table():
             return ", ".join(fmt(v) for v in value)
         return str(value)
 
+    orders = b["train"].get("orders")   # which variants ran in the balanced rounds (older artifacts: notes)
+    balanced = {name for run in orders for order in run for name in order} if orders else set(rows) - set(notes)
     lines = [header(["training step", f"time ratio vs `lora_ref`: median [min, max] over {n_runs} runs"])]
     for name, r in rows.items():
-        mark = " (timed apart from the balanced rounds)" if name in notes else ""
+        mark = "" if name in balanced else " (timed apart from the balanced rounds)"
         lines.append(row([f"`{name}`{mark}", f"{r['ratio']:.3f} [{r['ratio_min']:.3f}, {r['ratio_max']:.3f}]"]))
     lines += ["", header(["target", "median", "range over runs", "met"])]
     for name, t in b["targets"].items():
         span_ = f"[{fmt(t['range'][0])}, {fmt(t['range'][1])}]" if t.get("range") else "-"
         met = {True: "yes", False: "no", None: "not judged"}[t["met"]]
         lines.append(row([f"{name} ({t['target']})", fmt(t["value"]), span_, met]))
+    nested = b["train"].get("nested_loss_vs_lora")
+    if nested:   # the exact objective's step next to a LoRA step: time, peak memory, FLOPs
+        def gb(n):
+            return f"{n / 2 ** 20:.1f} MB"
+        lines += ["", header(["step (number of ranks)", "time vs LoRA: median [min, max]", "peak memory (LoRA)",
+                              "peak ratio", "method memory ratio (no base weights)", "FLOPs ratio"])]
+        for name, r in nested.items():
+            lines.append(row([f"`{name}` ({r['n_train_ranks']})",
+                              f"{r['time_ratio']:.2f} [{r['time_ratio_min']:.2f}, {r['time_ratio_max']:.2f}]",
+                              f"{gb(r['peak_bytes'])} ({gb(r['lora_peak_bytes'])})", f"{r['peak_ratio']:.2f}",
+                              f"{r['method_bytes_ratio']:.2f}", f"{r['flops_ratio']:.2f}"]))
     mm = b.get("merge_memory")
     if mm:   # the extra memory merge costs, in both modes
         def mb(n):

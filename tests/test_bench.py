@@ -278,10 +278,12 @@ def test_read_provenance_reads_every_committed_artifact():
         assert tuple(p) == mlora_scripts.PROVENANCE_KEYS, name
         assert p["command"].startswith("python "), name
         assert re.fullmatch(r"[0-9a-f]{7,40}", p["commit"]), name
-    old_bench = json.loads((ROOT / "assets" / "bench_cpu.json").read_text())
-    p = mlora_scripts.read_provenance(old_bench)
-    assert (p["commit"], p["cores"], p["threads"]) == (old_bench["git"]["commit"], old_bench["machine"]["cpu_count"],
-                                                       old_bench["machine"]["threads"])
+    old_budget = json.loads((ROOT / "assets" / "budget.json").read_text())   # the older flat keys
+    p = mlora_scripts.read_provenance(old_budget)
+    expected = (old_budget["git_commit"], old_budget["cpu_count"], old_budget["date"])
+    assert (p["commit"], p["cores"], p["date"]) == expected
+    bench = json.loads((ROOT / "assets" / "bench_cpu.json").read_text())      # written with the shared key set
+    assert mlora_scripts.read_provenance(bench) == bench["provenance"]
     session = dict(command="python scripts/sweep.py", commit="abc1234", dirty=False, threads_per_process=1)
     assert mlora_scripts.read_provenance(session)["threads"] == 1
     with pytest.raises(ValueError, match="no provenance"):

@@ -208,14 +208,17 @@ def test_tables_read_both_provenance_layouts(tmp_path, monkeypatch):
     """The budget and bench tables render the same run line from the committed (older) layout and
     from a 'provenance' dict: the same command, commit, torch and threads, and the new file's date."""
     report = _report()
-    committed = {"budget.json": report.budget_table(), "bench_cpu.json": report.bench_table()}
+    tables = {"budget.json": report.budget_table, "bench_cpu.json": report.bench_table}
+    old_layout = [name for name in tables if "provenance" not in json.loads((ROOT / "assets" / name).read_text())]
+    assert old_layout, "no committed asset in the older layout is left to read"
+    committed = {name: tables[name]() for name in old_layout}
     date = "2031-01-02T03:04:05+00:00"   # in no committed asset: seen only if read from the new layout
     records = {}
     for name in committed:
         artifact, records[name] = _new_layout(name, date)
         (tmp_path / name).write_text(json.dumps(artifact))
     monkeypatch.setattr(report, "ASSETS", str(tmp_path))
-    regenerated = {"budget.json": report.budget_table(), "bench_cpu.json": report.bench_table()}
+    regenerated = {name: tables[name]() for name in old_layout}
     for name, text in regenerated.items():
         r = records[name]
         run_line = text[text.index("Run: `"):]
@@ -224,6 +227,15 @@ def test_tables_read_both_provenance_layouts(tmp_path, monkeypatch):
         assert date in run_line and date not in committed[name]
         old = json.loads((ROOT / "assets" / name).read_text())
         assert text == committed[name].replace(report.read_provenance(old)["date"], date)   # nothing else moved
+
+
+def test_bench_table_reads_the_shared_provenance():
+    """bench_cpu.json is written with mlora_scripts' key set: its run line shows that record."""
+    report = _report()
+    p = json.loads((ROOT / "assets" / "bench_cpu.json").read_text())["provenance"]
+    run_line = report.bench_table().split("Run: ", 1)[1]
+    assert run_line.startswith(f"`{p['command']}` at commit `{p['commit'][:10]}`"), run_line
+    assert f"torch {p['torch']}" in run_line and p["date"] in run_line
 
 
 # -----------------------------------------------------------------------------
