@@ -49,6 +49,7 @@ import re
 import shutil
 import sys
 import tempfile
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -543,15 +544,20 @@ def _linear_shape(module: nn.Module) -> Optional[tuple[int, int, bool]]:
 # the pre-hook again). So each adapter call in a checkpointed region records what it used on
 # the region, in call order, and the region's recompute replays the records in that order.
 
+# What this needs of torch, detected rather than assumed (torch-internal names, present in the
+# torch CI tests): without them mlora cannot see a recompute, and inject warns.
 _CHECKPOINT_FRAME = getattr(_torch_checkpoint, "_CheckpointFrame", None)          # use_reentrant=False
 _REENTRANT = getattr(_torch_checkpoint, "CheckpointFunction", None)              # use_reentrant=True
 _REENTRANT_CODES = {} if _REENTRANT is None else {
     _REENTRANT.forward.__code__: False, _REENTRANT.backward.__code__: True}      # code -> recomputing
+_GRAPH_TASK_ID = getattr(torch._C, "_current_graph_task_id", None)
+_TOP_SAVED_TENSOR_HOOKS = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+CHECKPOINT_SAFE = None not in (_CHECKPOINT_FRAME, _REENTRANT, _GRAPH_TASK_ID, _TOP_SAVED_TENSOR_HOOKS)
 
 
 def _in_backward() -> bool:
     """Is this thread running a backward pass (where checkpoint recomputes run)?"""
-    return torch._C._current_graph_task_id() != -1
+    return _GRAPH_TASK_ID is not None and _GRAPH_TASK_ID() != -1
 
 
 class _CheckpointRegion:
@@ -567,7 +573,7 @@ class _CheckpointRegion:
     def current() -> Optional["_CheckpointRegion"]:
         if torch.compiler.is_compiling():   # compiled checkpoints recompute inside the graph, not in Python
             return None
-        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        hooks = _TOP_SAVED_TENSOR_HOOKS(False) if _TOP_SAVED_TENSOR_HOOKS is not None else None
         if hooks is not None and _CHECKPOINT_FRAME is not None:
             region = _CheckpointRegion._from_hooks(hooks[0])
             if region is not None:
@@ -608,7 +614,7 @@ class _CheckpointRegion:
     def replay(self, layer: MatryoshkaLinear) -> tuple:
         records = self.owner.__dict__.get("_mlora_records", [])
         cursors = self.owner.__dict__.setdefault("_mlora_cursor", {})   # one re-run per backward pass
-        graph_task = torch._C._current_graph_task_id()
+        graph_task = _GRAPH_TASK_ID()
         i = cursors.get(graph_task, 0)
         if i >= len(records) or records[i][0] is not layer:
             raise RuntimeError(
@@ -711,6 +717,10 @@ def inject(model: nn.Module, targets: Union[str, Sequence[str]], rank: int,
     for pname, param in model.named_parameters():
         param.requires_grad_(pname.rpartition(".")[2] in ("lora_A", "lora_B"))
     schedule._hook = model.register_forward_pre_hook(_AdvanceHook(schedule, list(new.values())))
+    if not CHECKPOINT_SAFE:
+        warnings.warn("this torch lacks the checkpoint internals mlora reads (mlora.CHECKPOINT_SAFE is "
+                      "False): do not combine gradient checkpointing with dylora, stratified or nested_loss",
+                      stacklevel=2)
     return names
 
 

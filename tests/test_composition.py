@@ -184,6 +184,13 @@ def test_nested_loss_backward_per_rank_equals_one_backward(checkpointing):
     assert all(layer.active_rank is None for layer in mlora.adapter_layers(model).values())
 
 
+def test_the_tested_torch_has_what_the_replay_reads():
+    """The replay reads torch internals (checkpoint's frame and reentrant Function, the current
+    graph task, the saved-tensor hooks); a torch that renames one makes inject warn. This fails
+    first, in CI, when an upgrade does."""
+    assert mlora.CHECKPOINT_SAFE
+
+
 def test_training_forward_inside_backward_is_refused():
     """A training forward run by a backward hook is no checkpoint recompute: mlora cannot
     know which draw it should replay, so it refuses rather than guess."""
