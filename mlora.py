@@ -66,7 +66,7 @@ __all__ = [  # in the order of the file
     "set_rank", "nested_loss", "merge", "unmerge", "evaluate_ranks", "aurac", "GPTConfig", "PRESETS", "GPT",
     "svd_reorder", "adapter_param_count", "allocate_ranks", "adapter_state_dict", "load_adapter_state_dict",
     "save_adapter", "adapter_config", "load_adapter", "CharTokenizer", "HFTokenizer", "load_tokenizer",
-    "export_peft", "import_peft", "atomic_write", "replace_dir",
+    "export_peft", "import_peft", "atomic_write", "replace_dir", "CHECKPOINT_SAFE",
 ]
 
 METHODS = ("lora", "dylora", "matryoshka", "stratified")
