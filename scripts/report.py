@@ -1316,6 +1316,46 @@ def sweep_winners():
     return winners_table(v) + ("" if not pending else " Rows still incomplete: " + "; ".join(pending) + ".")
 
 
+SWEEP_FINDING_PAIRS = [("matryoshka", "dylora"), ("stratified", "dylora"), ("nested", "lora-svd"),
+                       ("nested (equal compute)", "dylora"), ("nested (equal compute)", "stratified"),
+                       ("nested (equal compute)", "lora-svd")]
+
+
+@table("sweep_findings", SWEEP, *TOY_ALL)
+def sweep_findings():
+    """The main pairs under the tuned picks, and the paper's method against DyLoRA at fixed rates
+    and tuned, side by side: generated, so a reader sees whether tuning changed the ranking."""
+    ranks, rows_, pending = sweep_analysis(load(SWEEP))
+    data = {n: r["seeds"] for n, r in rows_.items() if r["seeds"]}
+
+    def find(method):   # the row of a method at its pick ("nested (equal compute)": the shorter run)
+        equal = method.endswith("(equal compute)")
+        base = method.split(" (")[0]
+        return next((n for n in data if n.startswith(base + " [") and ("equal compute" in n) == equal), None)
+
+    if len(data) < 2:
+        return "Fewer than two rows have every seed yet: no findings."
+    v = verdicts(data, ranks, resolution=1 / load(TOY)["config"]["eval_chars"])
+    lines = []
+    for a, b in SWEEP_FINDING_PAIRS:
+        ka, kb = find(a), find(b)
+        if ka and kb:
+            lines.append(f"- `{ka}` against `{kb}`: {describe(v, ka, kb, ranks)}.")
+    fixed_ranks, by_key, fixed_v, display = toy_analysis()
+    fixed = {m: next((k for k, r in by_key.items() if r["method"] == m), None) for m in ("matryoshka", "dylora")}
+    tuned = {m: find(m) for m in ("matryoshka", "dylora")}
+    if all(fixed.values()) and all(tuned.values()) and list(fixed_ranks) == list(ranks):
+        order = sorted(data, key=lambda n: -mean([aurac(ranks, acc) for acc in data[n].values()]))
+        place = order.index(tuned["matryoshka"]) + 1
+        lines.append(f"- Did tuning change the paper's method's standing? At fixed rates `matryoshka` against "
+                     f"`dylora`: {describe(fixed_v, fixed['matryoshka'], fixed['dylora'], ranks)}. Tuned, each "
+                     f"at its own pick: {describe(v, tuned['matryoshka'], tuned['dylora'], ranks)}. By mean AURAC "
+                     f"log2, tuned `matryoshka` is number {place} of the {len(order)} tuned rows (1 = highest).")
+    if pending:
+        lines.append("- Still to come: " + "; ".join(pending) + ".")
+    return "\n".join(lines)
+
+
 # -----------------------------------------------------------------------------
 # plots
 
