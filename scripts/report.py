@@ -657,7 +657,7 @@ def tuning_summary():
     return "; ".join(parts), later, v, without, display
 
 
-@table("toy_tuning", *TOY_ALL)
+@table("toy_tuning", SWEEP, *TOY_ALL)
 def toy_tuning():
     text, later, v, without, display = tuning_summary()
     out = f"**Tuning: fixed rates, not tuned equally.** {text}. How the rates were chosen is not recorded."
@@ -667,6 +667,9 @@ def toy_tuning():
         out += (" Without the later setting's rows, these would also be best or tied-best: "
                 + ("; ".join(f"{c} " + ", ".join(display(k) for k in ks) for c, ks in added.items())
                    if added else "none") + ".")
+    if os.path.isfile(os.path.join(ASSETS, SWEEP)):
+        out += (" Every method tuned by one protocol: [evidence, section 6]"
+                "(docs/evidence.md#6-the-tuned-comparison-scriptssweeppy).")
     return out
 
 
