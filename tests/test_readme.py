@@ -143,7 +143,8 @@ def test_check_catches_a_changed_verdict(tmp_path, monkeypatch):
 
 
 VERDICT_WORDS = re.compile(r"\b(wins?|winners?|loses|lost|beats?|beaten|ties|tied|outperform\w*|better|worse|"
-                           r"best|highest|lowest|superior|inferior|told apart|undoes|hurts?)\b", re.I)
+                           r"best|highest|lowest|superior|inferior|told apart|undoes|hurts?|leads?|trails?|ahead|"
+                           r"behind)\b", re.I)
 METHOD_NAMES = re.compile(r"`(lora|lora-svd|lora-per-rank|dylora|matryoshka|stratified|nested)[^`]*`|"
                           r"\b(MatryoshkaLoRA|DyLoRA|LoRA|SVD baseline|exact objective)\b")
 
@@ -163,6 +164,21 @@ def test_no_verdict_is_typed_by_hand():
             if VERDICT_WORDS.search(sentence) and METHOD_NAMES.search(sentence):
                 offenders.append(f"{doc.name}: {' '.join(sentence.split())[:160]}")
     assert not offenders, "hand-written verdicts (generate them in scripts/report.py):\n" + "\n".join(offenders)
+
+
+def test_no_verdict_is_typed_in_a_notebook():
+    """The tutorials' prose passes no verdict between methods either, except a claim the notebook
+    itself asserts in code (marked '(asserted')."""
+    offenders = []
+    for path in sorted((ROOT / "tutorials").glob("*.ipynb")):
+        for cell in json.loads(path.read_text())["cells"]:
+            if cell["cell_type"] != "markdown":
+                continue
+            prose = _hand_written("".join(cell["source"]))
+            for sentence in re.split(r"(?<=[.!?])\s+|\n\s*\n|\n- ", prose):
+                if VERDICT_WORDS.search(sentence) and METHOD_NAMES.search(sentence) and "(asserted" not in sentence:
+                    offenders.append(f"{path.name}: {' '.join(sentence.split())[:160]}")
+    assert not offenders, "hand-written verdicts in notebooks:\n" + "\n".join(offenders)
 
 
 def test_the_hand_written_check_finds_a_typed_verdict():
