@@ -1447,6 +1447,15 @@ def which_to_use():
     return "\n".join(lines) + "\n\n" + text
 
 
+def grid_cell(sw, record, row_name, choice, rank=None):
+    """One grid point's validation score as a table cell: '' if not run, 'diverged', bold if picked."""
+    if record is None:
+        return ""
+    score = sw.score(record, row_name, rank)
+    text = "diverged" if math.isinf(score[0]) else f"{score[0]:.4f}"
+    return f"**{text}**" if choice == (record["lr"], record["scaling"]) else text
+
+
 @table("sweep_grid", SWEEP)
 def sweep_grid():
     """Every seed-0 grid point's validation AURAC log2, by method and scaling; the pick in bold."""
@@ -1460,15 +1469,8 @@ def sweep_grid():
         grid = sw.grid_records(all_runs, name, steps)
         choice = sw.pick(all_runs, name, steps)
         for scaling in sw.SCALINGS:
-            cells = []
-            for lr in rates:
-                r = next((x for x in grid if x["scaling"] == scaling and math.isclose(x["lr"], lr)), None)
-                if r is None:
-                    cells.append("")
-                    continue
-                score = sw.score(r, name)
-                text = "diverged" if math.isinf(score[0]) else f"{score[0]:.4f}"
-                cells.append(f"**{text}**" if choice == (r["lr"], scaling) else text)
+            cells = [grid_cell(sw, next((x for x in grid if x["scaling"] == scaling and math.isclose(x["lr"], lr)),
+                                        None), name, choice) for lr in rates]
             lines.append(row([f"`{name}`", scaling] + cells))
     return "\n".join(lines) + (
         f"\n\nValidation AURAC log2 (next-character accuracy on the validation split, ranks "
@@ -1491,15 +1493,8 @@ def sweep_per_rank_grid():
     lines = [header(["rank"] + [f"lr {lr_text(lr)}" for lr in rates])]
     for k in ranks:
         choice = sw.pick(all_runs, "lora-per-rank", steps, k)
-        cells = []
-        for lr in rates:
-            r = next((x for x in per_rank if x["rank"] == k and math.isclose(x["lr"], lr)), None)
-            if r is None:
-                cells.append("")
-                continue
-            score = sw.score(r, "lora-per-rank", k)
-            text = "diverged" if math.isinf(score[0]) else f"{score[0]:.4f}"
-            cells.append(f"**{text}**" if choice == (r["lr"], r["scaling"]) else text)
+        cells = [grid_cell(sw, next((x for x in per_rank if x["rank"] == k and math.isclose(x["lr"], lr)), None),
+                           "lora-per-rank", choice, k) for lr in rates]
         lines.append(row([k] + cells))
     return "\n".join(lines) + (
         f"\n\n`lora-per-rank`: one rank-k LoRA per row, scaling {sw.PER_RANK_SCALING} (for one rank the scaling is "
