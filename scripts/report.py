@@ -1129,7 +1129,8 @@ SWEEP_ROWS = ("lora", "lora-svd", "dylora", "matryoshka", "stratified", "nested"
 def sweep_analysis(artifact):
     """(ranks, rows, pending) of a sweep artifact: one row per method at its pick with every seed
     found (seed 0 = the grid run, then the final seeds), the per-rank LoRAs at their per-rank
-    picks, and nested at equal compute. rows: {name: dict(seeds {seed: acc}, pick, tried, tflops)}.
+    picks, and nested at equal compute. rows: {name: dict(method, steps, equal_compute, seeds {seed: acc},
+    pick, tried, tflops)}.
     A row missing a seed is left out and named in pending."""
     sw = _sweep_module()
     all_runs = artifact.get("runs") if isinstance(artifact, dict) else None
@@ -1158,7 +1159,7 @@ def sweep_analysis(artifact):
         tried = sorted(r["lr"] for r in grid if r["scaling"] == scaling)
         planned = {(sc, float(f"{x:.3g}")) for sc in sw.SCALINGS for x in sw.GRID_LRS}
         done = planned & {(r["scaling"], r["lr"]) for r in grid}
-        info = dict(method=name, steps=steps, pick=(scaling, lr), tried=tried,
+        info = dict(method=name, steps=steps, equal_compute=False, pick=(scaling, lr), tried=tried,
                     bracketing=sw.next_rates(all_runs, name, steps), grid=(len(done), len(planned)))
         label = f"{name} [{scaling}, {lr_text(lr)}]"
         if any(r is None for r in got.values()):
@@ -1176,7 +1177,8 @@ def sweep_analysis(artifact):
                 recs = {s: all_runs.get(sw.run_key("nested", lr, scaling, s, n_steps)) for s in seeds}
                 label = f"nested [{scaling}, {lr_text(lr)}], {n_steps} steps (equal compute)"
                 if all(recs.values()):
-                    rows[label] = dict(method=name, steps=n_steps, pick=(scaling, lr), tried=tried, bracketing=[],
+                    rows[label] = dict(method=name, steps=n_steps, equal_compute=True, pick=(scaling, lr),
+                                       tried=tried, bracketing=[],
                                        seeds={s: r["results"]["nested"]["acc"] for s, r in recs.items()},
                                        tflops=flops(list(recs.values()), "nested"))
                 else:
@@ -1199,7 +1201,8 @@ def sweep_analysis(artifact):
             rank_tflops.append(flops(recs, "lora-per-rank"))
         if complete:
             rows["lora-per-rank [per-rank picks]"] = dict(
-                method="lora-per-rank", steps=steps, pick=None, tried=None, bracketing=[], picks=picks,
+                method="lora-per-rank", steps=steps, equal_compute=False, pick=None, tried=None, bracketing=[],
+                picks=picks,
                 seeds=per_rank, tflops=sum(rank_tflops), rank_tflops=rank_tflops)
         else:
             pending.append("lora-per-rank: a rank without its pick, its bracketing or a seed")
@@ -1257,10 +1260,9 @@ def sweep_findings():
     ranks, rows_, pending = sweep_analysis(load(SWEEP))
     data = {n: r["seeds"] for n, r in rows_.items() if r["seeds"]}
 
-    def find(method):   # the row of a method at its pick ("nested (equal compute)": the shorter run)
-        equal = method.endswith("(equal compute)")
-        base = method.split(" (")[0]
-        return next((n for n in data if n.startswith(base + " [") and ("equal compute" in n) == equal), None)
+    def find(method):   # the complete row of a method at its pick ("nested (equal compute)": the shorter run)
+        base, equal = method.split(" (")[0], method.endswith("(equal compute)")
+        return next((n for n in data if rows_[n]["method"] == base and rows_[n]["equal_compute"] == equal), None)
 
     if len(data) < 2:
         return "Fewer than two rows have every seed yet: no findings."
@@ -1271,16 +1273,14 @@ def sweep_findings():
         ka, kb = find(a), find(b)
         if ka and kb:
             lines.append(f"- {display(ka)} against {display(kb)}: {describe(v, ka, kb, ranks)}.")
-    fixed_ranks, by_key, fixed_v, _ = toy_analysis()
-    fixed = {m: next((k for k, r in by_key.items() if r["method"] == m), None) for m in ("matryoshka", "dylora")}
     tuned = {m: find(m) for m in ("matryoshka", "dylora")}
-    if all(fixed.values()) and all(tuned.values()) and list(fixed_ranks) == list(ranks):
-        order = sorted(data, key=lambda n: -mean([aurac(ranks, acc) for acc in data[n].values()]))
-        place = order.index(tuned["matryoshka"]) + 1
+    standing = matryoshka_standing(ranks, data, tuned["matryoshka"]) if all(tuned.values()) else None
+    if standing:
+        fixed_text, place, n_rows = standing
         lines.append(f"- Did tuning change the paper's method's standing? At fixed rates `matryoshka` against "
-                     f"`dylora`: {describe(fixed_v, fixed['matryoshka'], fixed['dylora'], ranks)}. Tuned, each "
+                     f"`dylora`: {fixed_text}. Tuned, each "
                      f"at its own pick: {describe(v, tuned['matryoshka'], tuned['dylora'], ranks)}. By mean AURAC "
-                     f"log2, tuned `matryoshka` is number {place} of the {len(order)} tuned rows (1 = highest).")
+                     f"log2, tuned `matryoshka` is number {place} of the {n_rows} tuned rows (1 = highest).")
     if pending:
         lines.append("- Still to come: " + "; ".join(pending) + ".")
     return "\n".join(lines)
@@ -1302,23 +1302,33 @@ def sweep_view():
     return ranks, rows_, v, sweep_display(rows_)
 
 
-def sweep_display(rows_):
-    """key -> '`method` (scaling, lr)', with ', N steps' for a shorter run."""
-    full = max(r["steps"] for r in rows_.values())
+def matryoshka_standing(ranks, data, tuned_matryoshka):
+    """The paper's method before and after tuning: (its verdict against dylora at the fixed rates of
+    sections 1-4, its place among the tuned rows by mean AURAC log2 (1 = highest), how many rows);
+    None when the fixed-rate runs lack either method or were scored at other ranks."""
+    fixed_ranks, by_key, fixed_v, _ = toy_analysis()
+    fixed = {m: next((k for k, r in by_key.items() if r["method"] == m), None) for m in ("matryoshka", "dylora")}
+    if not all(fixed.values()) or list(fixed_ranks) != list(ranks):
+        return None
+    order = sorted(data, key=lambda n: -mean([aurac(ranks, acc) for acc in data[n].values()]))
+    return (describe(fixed_v, fixed["matryoshka"], fixed["dylora"], ranks), order.index(tuned_matryoshka) + 1,
+            len(order))
 
+
+def sweep_display(rows_):
+    """key -> '`method` (scaling, lr)', with ', N steps' for the run at equal compute."""
     def display(key):
         r = rows_[key]
         if r["pick"] is None:
             return f"`{r['method']}` (one LoRA per rank)"
         text = f"`{r['method']}` ({r['pick'][0]}, {lr_text(r['pick'][1])})"
-        return text + (f", {r['steps']} steps" if r["steps"] != full else "")
+        return text + (f", {r['steps']} steps" if r["equal_compute"] else "")
     return display
 
 
 def sweep_key(rows_, method, equal_compute=False):
     """The row of a method at its pick (equal_compute: the shorter nested run)."""
-    full = max(r["steps"] for r in rows_.values())
-    found = [k for k, r in rows_.items() if r["method"] == method and (r["steps"] < full) == equal_compute]
+    found = [k for k, r in rows_.items() if r["method"] == method and r["equal_compute"] == equal_compute]
     if len(found) != 1:
         raise ValueError(f"expected one {method!r} row{' at equal compute' if equal_compute else ''}, found {found}")
     return found[0]
@@ -1328,7 +1338,7 @@ def picks_interior(rows_):
     """(interior, at an edge): picks strictly inside the rates tried at their scaling, and the others."""
     inside, edge = [], []
     for k, r in rows_.items():
-        if r["tried"] is None or r["steps"] != max(x["steps"] for x in rows_.values()):
+        if r["tried"] is None or r["equal_compute"]:
             continue
         (inside if r["tried"][0] < r["pick"][1] < r["tried"][-1] else edge).append(k)
     return inside, edge
@@ -1393,20 +1403,16 @@ def toy_headline():
 def toy_tuning():
     """The README's line on how the rows were tuned, and what the earlier fixed rates said."""
     ranks, rows_, v, display = sweep_view()
-    fixed_ranks, by_key, fixed_v, _ = toy_analysis()
-    fixed = {m: next(k for k, r in by_key.items() if r["method"] == m) for m in ("matryoshka", "dylora")}
-    tuned = {m: sweep_key(rows_, m) for m in ("matryoshka", "dylora")}
-    if list(fixed_ranks) != list(ranks):
-        raise ValueError(f"the fixed-rate runs have ranks {fixed_ranks}, the sweep {ranks}")
-    order = sorted(rows_, key=lambda k: -mean([aurac(ranks, acc) for acc in rows_[k]["seeds"].values()]))
-    place = order.index(tuned["matryoshka"]) + 1
-    place = "last" if place == len(order) else f"number {place} (1 = highest)"
+    standing = matryoshka_standing(ranks, {k: r["seeds"] for k, r in rows_.items()}, sweep_key(rows_, "matryoshka"))
+    if standing is None:
+        raise ValueError("the fixed-rate runs lack matryoshka or dylora, or were scored at other ranks than the sweep")
+    fixed_text, place, n_rows = standing
+    place = "last" if place == n_rows else f"number {place} (1 = highest)"
     return (
         f"**Tuning** (every grid point and pick: [evidence, section 6]"
         f"(docs/evidence.md#6-the-tuned-comparison-scriptssweeppy)). At the earlier fixed rates, not tuned "
-        f"equally (evidence, sections 1-4), `matryoshka` against `dylora` "
-        f"{describe(fixed_v, fixed['matryoshka'], fixed['dylora'], ranks)}. Tuned, `matryoshka` is {place} of "
-        f"the {len(order)} rows by mean AURAC log2.")
+        f"equally (evidence, sections 1-4), `matryoshka` against `dylora` {fixed_text}. Tuned, `matryoshka` is "
+        f"{place} of the {n_rows} rows by mean AURAC log2.")
 
 
 @table("which_to_use", SWEEP, TOY)
@@ -1658,7 +1664,6 @@ def tuned_plot(plt, se):
 
     ranks, rows_, v, display = sweep_view()
     base = load(TOY)["base"]["acc"]
-    full = max(r["steps"] for r in rows_.values())
     unit = rows_[sweep_key(rows_, "lora")]["tflops"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12.5, 5.6))
     same_x = {}   # rows at (nearly) one LoRA's cost: spread sideways so their bars do not overlap
@@ -1668,7 +1673,7 @@ def tuned_plot(plt, se):
         per_seed = list(r["seeds"].values())
         name = display(key).replace("`", "")
         style = dict(color=f"C{i}", capsize=3, ms=5,
-                     ls="--" if r["method"] == "lora-per-rank" else ":" if r["steps"] != full else "-")
+                     ls="--" if r["method"] == "lora-per-rank" else ":" if r["equal_compute"] else "-")
         curve = [[acc[j] for acc in per_seed] for j in range(len(ranks))]
         left.errorbar(ranks, [mean(c) for c in curve], yerr=[std(c) for c in curve], marker="o",
                       label=f"{name} ({len(per_seed)} seeds)", **style)
@@ -1677,7 +1682,7 @@ def tuned_plot(plt, se):
         offset = group.index(key) - (len(group) - 1) / 2
         x = r["tflops"] * 1.03 ** offset
         right.errorbar([x], [mean(scores)], yerr=[std(scores)], marker="o", **dict(style, ls="none"))
-        right.annotate(name.split(" (")[0] + (f", {r['steps']} steps" if r["steps"] != full else ""),
+        right.annotate(name.split(" (")[0] + (f", {r['steps']} steps" if r["equal_compute"] else ""),
                        (x, mean(scores)), xytext=(-6 if offset < 0 else 6, -3), textcoords="offset points",
                        ha="right" if offset < 0 else "left", fontsize=8, color=f"C{i}")
     left.axhline(base, color="gray", ls=":", lw=1, label="base model, no adapter")
